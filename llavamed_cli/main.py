@@ -1,0 +1,56 @@
+"""The root ``llavamed`` app: composes one Typer sub-app per command group.
+
+Run: ``llavamed --help``. Nothing imported here may import torch or transformers; commands import
+the heavy parts of the core inside their bodies so ``--help`` and tab completion stay instant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llavamed_core import __version__
+
+from ._errors import LlavamedGroup
+from .data import app as data_app
+from .eval import app as eval_app
+from .weights import app as weights_app
+
+app = typer.Typer(
+    name="llavamed",
+    cls=LlavamedGroup,
+    help="LLaVA-Med, end to end: data, instruction generation, weights, training, chat, serving, evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llavamed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """LLaVA-Med, end to end. Set LLAVAMED_DEBUG=1 to see tracebacks."""
+
+
+# Command groups (one module each). Keep one line per group or top-level command.
+app.add_typer(data_app, name="data")
+app.add_typer(weights_app, name="weights")
+app.add_typer(eval_app, name="eval")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

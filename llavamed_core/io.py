@@ -1,0 +1,334 @@
+"""Files that survive a kill: atomic writes, append-and-resume JSONL, streaming JSON arrays.
+
+- :func:`atomic_write` / :func:`atomic_write_json` write to a temporary file in the same folder
+  and ``os.replace`` it into place, so a reader sees the old file or the whole new one.
+- :func:`atomic_dir` builds a directory under a temporary name and renames it at the end, so a
+  killed job never leaves a directory that looks complete.
+- :class:`JsonlAppender` appends one record per line, flushed and fsynced; on open it cuts off a
+  half-written last line left by a kill, so a rerun resumes cleanly.
+- :func:`iter_json_array` streams the elements of a huge top-level JSON array without holding the
+  text and the parsed list at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, data_error
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_bytes",
+    "atomic_dir",
+    "JsonlAppender",
+    "read_jsonl",
+    "iter_json_array",
+    "iter_records",
+    "load_json",
+]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temporary file beside ``path``; rename it onto ``path`` when the block ends cleanly.
+
+    Args:
+        path: final destination.
+        mode: ``"w"`` (text) or ``"wb"`` (binary).
+        encoding: text encoding (ignored for binary mode).
+
+    Yields:
+        The open temporary file. On an exception the temporary file is removed and ``path`` is
+        left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically. Returns the path."""
+    with atomic_write(path) as fh:
+        json.dump(obj, fh, indent=indent, ensure_ascii=False)
+        fh.write("\n")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically. Returns the path."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Build a directory under a temporary sibling name and rename it to ``path`` at the end.
+
+    Args:
+        path: the final directory.
+        overwrite: replace an existing ``path``; otherwise an existing non-empty ``path`` is an error.
+
+    Yields:
+        The temporary directory to fill.
+
+    Raises:
+        DataError: ``path`` exists, is not empty, and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise DataError(f"{path}: output directory exists and is not empty",
+                        "choose another --out, or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _truncate_partial_tail(path: Path) -> None:
+    """Cut a last line that has no newline (a write interrupted by a kill)."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        # Walk back to the previous newline.
+        pos = size - 1
+        chunk = 65536
+        while pos > 0:
+            start = max(0, pos - chunk)
+            fh.seek(start)
+            buf = fh.read(pos - start)
+            idx = buf.rfind(b"\n")
+            if idx >= 0:
+                fh.truncate(start + idx + 1)
+                return
+            pos = start
+        fh.truncate(0)
+
+
+class JsonlAppender:
+    """Append JSON records to a file one line at a time, durable against kills.
+
+    On open, a half-written last line (no trailing newline) is cut off. Each :meth:`write` emits one
+    complete line with a single ``write`` call, then flushes and fsyncs, so at most the record in
+    flight is lost.
+
+    Args:
+        path: the JSONL file (created if missing).
+        fsync: fsync after each record (default true).
+    """
+
+    def __init__(self, path: str | os.PathLike, fsync: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            _truncate_partial_tail(self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fsync = fsync
+
+    def write(self, record: dict) -> None:
+        """Append one record as a line."""
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        if self._fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike, allow_partial_tail: bool = True) -> Iterator[dict]:
+    """Yield the objects of a JSONL file, one per non-empty line.
+
+    Args:
+        path: the file.
+        allow_partial_tail: ignore an unterminated, unparsable last line (a kill mid-write), which
+            :class:`JsonlAppender` would cut off on the next append.
+
+    Raises:
+        DataError: a line that is not a JSON object (naming file and line).
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if allow_partial_tail and not line.endswith("\n"):
+                    return
+                raise data_error(path, f"line {lineno}", None, f"not valid JSON ({exc.msg})",
+                                 "fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise data_error(path, f"line {lineno}", None,
+                                 f"expected a JSON object, found {type(obj).__name__}")
+            yield obj
+
+
+def iter_json_array(path: str | os.PathLike, chunk_size: int = 1 << 20) -> Iterator[Any]:
+    """Stream the elements of a file holding one top-level JSON array.
+
+    Reads ``chunk_size`` characters at a time and decodes element by element, so memory stays near
+    one element plus one chunk instead of the whole text plus the whole parsed list.
+
+    Raises:
+        DataError: the file is not a JSON array or is malformed (with the element index).
+    """
+    path = Path(path)
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as fh:
+        buf = ""
+        pos = 0
+        eof = False
+
+        def fill() -> bool:
+            nonlocal buf, pos, eof
+            if eof:
+                return False
+            more = fh.read(chunk_size)
+            if not more:
+                eof = True
+                return False
+            buf = buf[pos:] + more
+            pos = 0
+            return True
+
+        def skip_ws() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return
+
+        fill()
+        if buf.startswith("\ufeff"):
+            pos = 1
+        skip_ws()
+        if pos >= len(buf) or buf[pos] != "[":
+            raise data_error(path, None, None, "expected a JSON array ('[' at the start)",
+                             "is this a JSONL file? conversation files are JSON arrays")
+        pos += 1
+        index = 0
+        skip_ws()
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        while True:
+            skip_ws()
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    # A number at the very end of the buffer may continue in the next chunk.
+                    if end == len(buf) and not eof and fill():
+                        continue
+                    break
+                except json.JSONDecodeError as exc:
+                    if not eof and fill():
+                        continue
+                    raise data_error(path, f"#{index}", None, f"malformed JSON ({exc.msg})") from None
+            pos = end
+            yield obj
+            index += 1
+            skip_ws()
+            if pos >= len(buf):
+                raise data_error(path, f"#{index}", None, "unexpected end of file inside the array",
+                                 "the file may be truncated; download it again")
+            ch = buf[pos]
+            pos += 1
+            if ch == "]":
+                return
+            if ch != ",":
+                raise data_error(path, f"#{index}", None, f"expected ',' or ']', found {ch!r}")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Load a whole JSON file, with a :class:`DataError` naming the file and position on failure."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found", "check the path")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise data_error(path, f"line {exc.lineno}", None, f"not valid JSON ({exc.msg})") from None
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield records of a JSON array file or a JSONL file, decided by the first non-blank byte.
+
+    Raises:
+        DataError: missing file, or content that is neither.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found", "check the path")
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(4096).lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        for i, obj in enumerate(iter_json_array(path)):
+            if not isinstance(obj, dict):
+                raise data_error(path, f"#{i}", None, f"expected an object, found {type(obj).__name__}")
+            yield obj
+    elif head.startswith("{"):
+        yield from read_jsonl(path)
+    elif not head:
+        return
+    else:
+        raise data_error(path, None, None, "neither a JSON array nor JSON lines")
+
+
+def write_records_json(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """Write records as a JSON array (one record per line inside it), atomically."""
+    with atomic_write(path) as fh:
+        fh.write("[")
+        first = True
+        for rec in records:
+            fh.write("\n" if first else ",\n")
+            fh.write(json.dumps(rec, ensure_ascii=False))
+            first = False
+        fh.write("\n]\n")
+    return Path(path)
+
+
+__all__.append("write_records_json")

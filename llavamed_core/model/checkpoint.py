@@ -1,0 +1,335 @@
+"""Build, save and load standard Hugging Face Llava checkpoints (DESIGN.md contract 1).
+
+A checkpoint directory holds ``config.json`` (everything that decides behaviour: projector,
+vision layer, select strategy, image token id and count), safetensors weights under the key
+layout of the llava-hf checkpoints on the Hub (``language_model.model.*``,
+``language_model.lm_head.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``),
+the tokenizer, the processor (``processor_config.json`` and ``preprocessor_config.json``), the
+chat template and ``generation_config.json`` (with the template's stop strings). transformers
+4.4x–5.x, vLLM and SGLang load it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DependencyError, ModelError
+from ..io import atomic_dir, atomic_write_json
+from .presets import ModelPreset, get_preset
+from .templates import STOP_STRINGS, TEMPLATES
+
+__all__ = [
+    "build_from_preset",
+    "make_processor",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_checkpoint_dir",
+    "hub_key",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_attn_implementation",
+]
+
+_SHARD_BYTES = 2 * 1024**3
+
+
+def hub_key(name: str) -> str:
+    """Map a transformers-5 ``LlavaForConditionalGeneration`` parameter name to the Hub layout.
+
+    >>> hub_key("model.vision_tower.embeddings.patch_embedding.weight")
+    'vision_tower.vision_model.embeddings.patch_embedding.weight'
+    """
+    if name.startswith("model.vision_tower.vision_model."):
+        return name[len("model."):]
+    if name.startswith("model.vision_tower."):
+        return "vision_tower.vision_model." + name[len("model.vision_tower."):]
+    if name.startswith("model.multi_modal_projector."):
+        return name[len("model."):]
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name[len("model.language_model."):]
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    return name
+
+
+def make_processor(preset: ModelPreset, tokenizer: Any, chat_template: str | None = None) -> Any:
+    """The ``LlavaProcessor`` for a preset: image preprocessing, image-token expansion, template.
+
+    Args:
+        preset: the architecture.
+        tokenizer: a tokenizer that has ``<image>``.
+        chat_template: Jinja source (default: the preset's template).
+    """
+    from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
+
+    size = preset.image_size
+    common = dict(image_mean=list(preset.image_mean), image_std=list(preset.image_std))
+    if preset.pad_to_square:
+        # v1.5: pad to a square with the mean colour, then resize (no crop loses nothing).
+        ip = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": size},
+                                    crop_size={"height": size, "width": size}, **common)
+    else:
+        ip = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                   crop_size={"height": size, "width": size}, **common)
+    template = chat_template if chat_template is not None else TEMPLATES[preset.template]
+    return LlavaProcessor(
+        image_processor=ip, tokenizer=tokenizer, chat_template=template,
+        patch_size=int(preset.vision_config["patch_size"]),
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy=preset.vision_feature_select_strategy,
+    )
+
+
+def build_from_preset(preset: str | ModelPreset, seed: int = 0, tokenizer: Any = None,
+                      text_overrides: dict | None = None, vision_overrides: dict | None = None,
+                      dtype: Any = None) -> tuple[Any, Any]:
+    """A randomly initialised Llava model and its processor, from a preset.
+
+    Args:
+        preset: preset name or object.
+        seed: torch seed for the initial weights.
+        tokenizer: tokenizer to use (default: the tiny in-process tokenizer, for any preset; a
+            real run brings the base model's tokenizer through ``weights init --llm``).
+        text_overrides: changes to the text config (e.g. fewer layers for a ~0.5B GPU check).
+        vision_overrides: changes to the vision config.
+        dtype: torch dtype of the weights (default float32).
+
+    Returns:
+        ``(model, processor)``.
+    """
+    import torch
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .tokenizer import build_tiny_tokenizer
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        raise ConfigError("the tokenizer has no <image> token", "add it as a special token first")
+    text_kwargs = dict(preset.text_config, **(text_overrides or {}))
+    text_kwargs["vocab_size"] = len(tokenizer)
+    text_kwargs.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    text_config = AutoConfig.for_model(preset.text_model_type, **text_kwargs)
+    vision_config = CLIPVisionConfig(**dict(preset.vision_config, **(vision_overrides or {})))
+    vision_preset = ModelPreset(**{**preset.__dict__, "vision_config": vision_config.to_dict()})
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_id,
+        vision_feature_layer=preset.vision_feature_layer,
+        vision_feature_select_strategy=preset.vision_feature_select_strategy,
+        projector_hidden_act=preset.projector_hidden_act,
+        image_seq_length=vision_preset.num_image_tokens,
+        tie_word_embeddings=False,
+    )
+    config.llavamed = {"preset": preset.name, "template": preset.template}
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    if preset.projector_hidden_act == "linear":
+        identity_projector_second_layer(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model, make_processor(vision_preset, tokenizer)
+
+
+def identity_projector_second_layer(model: Any) -> None:
+    """Set ``linear_2`` of the projector to the identity: the v1 single linear projector exactly.
+
+    With ``projector_hidden_act="linear"`` the projector computes ``linear_2(linear_1(x))``; an
+    identity ``linear_2`` makes that the paper's one linear layer. Training keeps it frozen.
+    """
+    import torch
+
+    lin = model.model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(lin.weight.shape[0], lin.weight.shape[1], dtype=lin.weight.dtype))
+        if lin.bias is not None:
+            lin.bias.zero_()
+
+
+def _shard_state_dict(state: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrite: bool = False,
+                    max_shard_bytes: int = _SHARD_BYTES, extra_json: dict[str, Any] | None = None) -> Path:
+    """Write a standard HF Llava checkpoint directory, atomically (temp dir, then rename).
+
+    Args:
+        model: a ``LlavaForConditionalGeneration``.
+        processor: its ``LlavaProcessor`` (tokenizer, image processor, chat template).
+        out: destination directory.
+        overwrite: replace an existing non-empty ``out``.
+        max_shard_bytes: safetensors shard size.
+        extra_json: more files to write beside the weights, ``{"name.json": obj}``.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = hub_key(name)
+        if key == "language_model.lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        state[key] = tensor.detach().contiguous().cpu()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        shards = _shard_state_dict(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            total = 0
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                for k, t in shard.items():
+                    weight_map[k] = fname
+                    total += t.numel() * t.element_size()
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+        model.config.architectures = ["LlavaForConditionalGeneration"]
+        model.config.save_pretrained(tmp)
+        _add_legacy_config_fields(tmp / "config.json")
+        gen = model.generation_config
+        template = (getattr(model.config, "llavamed", None) or {}).get("template")
+        stops = STOP_STRINGS.get(template or "", [])
+        if stops:
+            gen.stop_strings = stops
+        gen.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        # transformers 4.x reads the image processor from preprocessor_config.json.
+        ip = processor.image_processor.to_dict()
+        ip["image_processor_type"] = ip.get("image_processor_type", "CLIPImageProcessor").replace("Pil", "")
+        ip["processor_class"] = "LlavaProcessor"
+        atomic_write_json(tmp / "preprocessor_config.json", ip)
+        for fname, obj in (extra_json or {}).items():
+            atomic_write_json(tmp / fname, obj)
+    return out
+
+
+def _add_legacy_config_fields(path: Path) -> None:
+    """Add ``rope_theta`` beside ``rope_parameters`` so transformers 4.x and vLLM read it too."""
+    cfg = json.loads(path.read_text())
+    text = cfg.get("text_config", {})
+    rope = text.get("rope_parameters") or {}
+    if "rope_theta" not in text and "rope_theta" in rope:
+        text["rope_theta"] = rope["rope_theta"]
+    atomic_write_json(path, cfg)
+
+
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is a Llava checkpoint directory; return it as a Path.
+
+    Raises:
+        ModelError: missing directory, missing config, another model type, or no weights.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: checkpoint directory not found",
+                         "make one with `llavamed weights init --preset tiny --out DIR`")
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ModelError(f"{path}: no config.json, not a Hugging Face checkpoint",
+                         "original LLaVA-Med checkpoints convert with `llavamed weights convert`")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
+    if cfg.get("model_type") != "llava":
+        raise ModelError(
+            f"{cfg_path}: model_type is '{cfg.get('model_type')}', expected 'llava'",
+            "original LLaVA-Med checkpoints (llava, llava_mistral) convert with `llavamed weights convert`")
+    if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        raise ModelError(f"{path}: no weight files (*.safetensors)", "the checkpoint is incomplete")
+    return path
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``device`` as given, else ``cuda`` when available, else ``cpu``."""
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine",
+                              "use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | None, device: str) -> Any:
+    """``dtype`` by name, else bfloat16 on CUDA (float16 where bf16 is missing), float32 on CPU."""
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype:
+        if dtype not in names:
+            raise ConfigError(f"--dtype {dtype}: unknown dtype", "use float32, bfloat16 or float16")
+        return names[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_attn_implementation(device: str, requested: str | None = None) -> str:
+    """``flash_attention_2`` when flash-attn imports and the device is CUDA, else ``sdpa``."""
+    if requested:
+        if requested == "flash_attention_2":
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError:
+                raise DependencyError("flash-attn is not installed",
+                                      "pip install 'llavamed[gpu]', or drop the option") from None
+        return requested
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
+                    attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """Load a checkpoint for inference: ``(model in eval mode on device, processor)``.
+
+    Args:
+        path: checkpoint directory.
+        device: see :func:`resolve_device`.
+        dtype: see :func:`resolve_dtype`.
+        attn_implementation: see :func:`resolve_attn_implementation`.
+
+    Raises:
+        ModelError: not a Llava checkpoint, or it fails to load.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = check_checkpoint_dir(path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    attn = resolve_attn_implementation(dev, attn_implementation)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype,
+                                                              attn_implementation=attn)
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"{path}: could not load the checkpoint ({str(exc).splitlines()[0]})",
+                         "check that the directory is complete") from None
+    return model.to(dev).eval(), processor
