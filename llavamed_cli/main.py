@@ -41,7 +41,9 @@ def _root(
     """LLaVA-Med, end to end. Set LLAVAMED_DEBUG=1 to see tracebacks."""
 
 
-# Command groups (one module each). Keep one line per group or top-level command.
+# Command groups (one package each) and top-level commands. One line per group or command:
+#   groups:   app.add_typer(x_app, name="x")        (import its `app` above)
+#   commands: app.command("chat")(chat_command)     (a function in llavamed_cli/chat.py)
 app.add_typer(data_app, name="data")
 app.add_typer(weights_app, name="weights")
 app.add_typer(eval_app, name="eval")
