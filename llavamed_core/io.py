@@ -259,14 +259,18 @@ def iter_json_array(path: str | os.PathLike, chunk_size: int = 1 << 20) -> Itera
             while True:
                 try:
                     obj, end = decoder.raw_decode(buf, pos)
-                    # A number at the very end of the buffer may continue in the next chunk.
-                    if end == len(buf) and not eof and fill():
-                        continue
-                    break
                 except json.JSONDecodeError as exc:
-                    if not eof and fill():
+                    if fill():
                         continue
                     raise data_error(path, f"#{index}", None, f"malformed JSON ({exc.msg})") from None
+                # The element is complete only once the delimiter after it is in the buffer: a
+                # number cut by the chunk boundary ("0" of "0.5") decodes early otherwise.
+                j = end
+                while j < len(buf) and buf[j] in " \t\r\n":
+                    j += 1
+                if (j >= len(buf) or buf[j] not in ",]") and fill():
+                    continue
+                break
             pos = end
             yield obj
             index += 1

@@ -5,4 +5,4 @@ import typer
 app = typer.Typer(help="Get, prepare, synthesise and validate data.", no_args_is_help=True)
 
 # Each module registers its command on ``app`` when imported (keep one import per command module).
-# from . import synth, validate  # noqa: E402,F401
+from . import synth, validate  # noqa: E402,F401

@@ -1,0 +1,1 @@
+complete --command llavamed --no-files --arguments "(env _LLAVAMED_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) llavamed)" --condition "env _LLAVAMED_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) llavamed"

@@ -1,0 +1,527 @@
+"""The one generation engine behind ``chat``, ``serve``, ``eval vqa`` and ``demo`` (DESIGN.md contract 3).
+
+:class:`Engine` loads a checkpoint (or a LoRA adapter directory with its base), renders prompts
+with the checkpoint's own chat template (never chosen from the model's name), and generates with
+a manual decode loop over a KV cache:
+
+- requests are sorted by prompt length and cut into batches, left-padded, so padding stays small;
+- every row keeps its own sampling parameters (greedy when ``temperature == 0``; else temperature,
+  top-p and a per-row seeded generator), its own stop strings, EOS and ``max_new_tokens``;
+- text is streamed per row as tokens arrive (``on_delta``); a row can be cancelled
+  (``should_stop``), and finished rows leave the batch (the cache drops them);
+- position ids follow the attention mask, so a left-padded row computes exactly what it would
+  alone: batched greedy output equals one-at-a-time greedy output.
+
+Use::
+
+    engine = Engine.load("ckpt/tiny")
+    req = ChatRequest([{"role": "user", "content": [{"type": "image", "image": img},
+                                                    {"type": "text", "text": "Is there a lesion?"}]}])
+    print(engine.generate([req])[0].text)
+    for delta in engine.stream(req):
+        print(delta, end="")
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError, DependencyError, ModelError
+from ..progress import ProgressCallback, emit
+
+__all__ = ["GenerationParams", "ChatRequest", "GenerationResult", "Engine", "is_adapter_dir",
+           "request_images"]
+
+
+@dataclass
+class GenerationParams:
+    """How to generate one answer.
+
+    Attributes:
+        max_new_tokens: most tokens to generate (also capped by the context length).
+        temperature: 0 means greedy decoding; above 0 samples from softmax(logits / temperature).
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
+        stop: extra stop strings; the checkpoint's ``generation_config.stop_strings`` and EOS
+            always stop too. A stop string is cut from the returned text.
+        seed: seed of this request's sampler (``None``: a fresh random seed).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class ChatRequest:
+    """One conversation to answer.
+
+    Attributes:
+        messages: transformers chat messages; ``content`` is a string or a list of parts
+            ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": PIL.Image.Image}``.
+        params: generation parameters.
+    """
+
+    messages: list[dict]
+    params: GenerationParams = field(default_factory=GenerationParams)
+
+
+@dataclass
+class GenerationResult:
+    """The answer to one request.
+
+    Attributes:
+        text: generated text, stripped, without the stop string or EOS.
+        finish_reason: ``"stop"`` (EOS or a stop string), ``"length"`` (max_new_tokens or the
+            context length) or ``"cancelled"`` (``should_stop`` said so).
+        prompt_tokens: tokens in the prompt, image tokens included.
+        completion_tokens: tokens generated (the stopping EOS not counted).
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def request_images(messages: list[dict]) -> list[Any]:
+    """The PIL images of a conversation's image parts, in order (converted to RGB).
+
+    Raises:
+        DataError: an image part without a PIL image.
+    """
+    images = []
+    for mi, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            for pi, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "image":
+                    img = part.get("image")
+                    if img is None or not hasattr(img, "convert"):
+                        raise DataError(f"messages[{mi}].content[{pi}]: an image part needs a PIL "
+                                        f"image under 'image'")
+                    images.append(img if img.mode == "RGB" else img.convert("RGB"))
+    return images
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages with the PIL objects removed from image parts (templates only need the type)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image"} if isinstance(p, dict) and p.get("type") == "image" else p
+                       for p in content]
+        out.append({**m, "content": content if content is not None else ""})
+    return out
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a PEFT adapter directory (has ``adapter_config.json``)."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+@dataclass
+class _Row:
+    """Decoding state of one request inside a batch."""
+
+    index: int
+    prompt_tokens: int
+    max_new: int
+    temperature: float
+    top_p: float
+    stops: list[str]
+    generator: Any
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish: str | None = None
+
+
+class Engine:
+    """A loaded checkpoint that answers chat requests (batched, streaming, with stop strings).
+
+    Build it with :meth:`load`. :meth:`generate`, :meth:`stream` and :meth:`count_tokens` may be
+    called from several threads: a lock makes one :meth:`generate` call (or one whole stream)
+    use the model at a time. To decode many requests together, pass them to one
+    :meth:`generate` call.
+
+    Attributes:
+        model: the ``LlavaForConditionalGeneration`` in eval mode.
+        processor: its ``LlavaProcessor`` (tokenizer, image processor, chat template).
+        model_name: a display name (the checkpoint folder's name).
+        context_length: the most tokens (prompt + answer) the text model takes.
+        device: the torch device the model is on.
+        stop_strings: stop strings from the checkpoint's generation config.
+        eos_token_ids: token ids that end an answer.
+    """
+
+    def __init__(self, model: Any, processor: Any, model_name: str = "model",
+                 path: str | os.PathLike | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_name = model_name
+        self.path = Path(path) if path is not None else None
+        self.device = str(next(model.parameters()).device)
+        self.dtype = next(model.parameters()).dtype
+        text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config.text_config
+        self.context_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
+        gen = getattr(model, "generation_config", None)
+        self.stop_strings = [s for s in (getattr(gen, "stop_strings", None) or []) if s]
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        eos = set()
+        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple)):
+                eos.update(int(x) for x in src)
+        self.eos_token_ids = eos
+        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                             else next(iter(eos), 0))
+        if getattr(processor, "chat_template", None) is None and \
+                getattr(self.tokenizer, "chat_template", None) is None:
+            raise ModelError(f"{path or model_name}: the checkpoint has no chat template",
+                             "checkpoints written by llavamed carry one; convert others with "
+                             "`llavamed weights convert`")
+        # transformers 5.24 renamed ``past_key_values`` to ``cache``; a PEFT wrapper hides it.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters \
+            else "past_key_values"
+        self._image_tokens = self._count_image_tokens()
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
+             attn_implementation: str | None = None, base: str | os.PathLike | None = None) -> "Engine":
+        """Load a checkpoint directory, or a LoRA adapter directory merged into its base.
+
+        Args:
+            path: a Llava checkpoint directory, or a PEFT adapter directory
+                (``adapter_config.json``).
+            device: ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when present, else CPU).
+            dtype: ``float32``, ``bfloat16``, ``float16`` (default: bf16 on CUDA, fp32 on CPU).
+            attn_implementation: attention kernel (default: flash-attn on CUDA when it imports,
+                else sdpa).
+            base: the base checkpoint of an adapter (default: the adapter's
+                ``base_model_name_or_path``).
+
+        Raises:
+            ModelError: not a checkpoint, or an adapter whose base cannot be found.
+        """
+        from ..model import load_checkpoint
+
+        path = Path(path)
+        if not is_adapter_dir(path):
+            model, processor = load_checkpoint(path, device=device, dtype=dtype,
+                                               attn_implementation=attn_implementation)
+            return cls(model, processor, model_name=path.resolve().name, path=path)
+        try:
+            cfg = json.loads((path / "adapter_config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path / 'adapter_config.json'}: not valid JSON ({exc.msg})") from None
+        base_path = Path(base) if base is not None else (
+            Path(cfg["base_model_name_or_path"]) if cfg.get("base_model_name_or_path") else None)
+        if base_path is None or not base_path.is_dir():
+            raise ModelError(f"{path}: LoRA adapter whose base model "
+                             f"'{base_path or '(not recorded)'}' is not a local directory",
+                             "pass the base checkpoint with --base DIR")
+        model, processor = load_checkpoint(base_path, device=device, dtype=dtype,
+                                           attn_implementation=attn_implementation)
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise DependencyError("peft is not installed (needed for LoRA adapters)",
+                                  "pip install peft") from None
+        try:
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"{path}: could not apply the LoRA adapter to {base_path} "
+                             f"({str(exc).splitlines()[0]})",
+                             "check that --base is the model the adapter was trained on") from None
+        if (path / "tokenizer_config.json").exists() or (path / "chat_template.jinja").exists():
+            from transformers import AutoProcessor
+
+            try:
+                processor = AutoProcessor.from_pretrained(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelError(f"{path}: could not load the adapter's processor "
+                                 f"({str(exc).splitlines()[0]})") from None
+        return cls(model.eval(), processor, model_name=path.resolve().name, path=path)
+
+    # ------------------------------------------------------------------ prompts
+    def _count_image_tokens(self) -> int:
+        """How many tokens one image expands to (measured with the processor on a blank image)."""
+        from PIL import Image
+
+        size = self.processor.image_processor.crop_size or self.processor.image_processor.size or {}
+        side = int(size.get("height") or size.get("shortest_edge") or 32)
+        img = Image.new("RGB", (side, side))
+        token = getattr(self.processor, "image_token", "<image>")
+        enc = self.processor(text=[token], images=[img], return_tensors="pt", add_special_tokens=False)
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        return int((enc["input_ids"][0] == token_id).sum())
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        """The prompt text of a conversation, from the checkpoint's chat template."""
+        try:
+            return self.processor.apply_chat_template(_template_messages(messages),
+                                                      add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja errors (template raise_exception, bad roles) are varied
+            raise DataError(f"the chat template could not render the messages ({exc})",
+                            "check the roles and content parts of the messages") from None
+
+    def count_tokens(self, request: ChatRequest) -> int:
+        """Prompt tokens of a request, image tokens included."""
+        prompt = self.render_prompt(request.messages)
+        n_img = len(request_images(request.messages))
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return len(ids) + n_img * (self._image_tokens - 1)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[ChatRequest], batch_size: int = 16,
+                 on_delta: Callable[[int, str], None] | None = None,
+                 should_stop: Callable[[int], bool] | None = None,
+                 progress: ProgressCallback | None = None,
+                 on_result: Callable[[int, GenerationResult], None] | None = None,
+                 ) -> list[GenerationResult]:
+        """Answer requests in length-sorted, left-padded batches.
+
+        Args:
+            requests: the conversations.
+            batch_size: most requests per forward pass.
+            on_delta: called with ``(index in requests, new text)`` as tokens arrive.
+            should_stop: called with the request index each step; ``True`` cancels that request
+                (its result has ``finish_reason="cancelled"`` and the text so far).
+            progress: receives ``generate`` events (requests done / total).
+            on_result: called with ``(index, result)`` as soon as a request finishes (for writing
+                answers while the run goes on).
+
+        Returns:
+            One result per request, in the order of ``requests``.
+
+        Raises:
+            ConfigError: a prompt that leaves no room in the context length, or bad parameters.
+            DataError: messages the template cannot render, or an image part without an image.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size}: must be at least 1")
+        prepared = []
+        for i, req in enumerate(requests):
+            self._check_params(req.params, i)
+            prompt = self.render_prompt(req.messages)
+            images = request_images(req.messages)
+            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
+                len(images) * (self._image_tokens - 1)
+            if n >= self.context_length:
+                raise ConfigError(f"request {i}: the prompt has {n} tokens, the context length is "
+                                  f"{self.context_length}", "shorten the conversation")
+            prepared.append((i, prompt, images, n))
+        order = sorted(prepared, key=lambda p: p[3])
+        results: list[GenerationResult | None] = [None] * len(requests)
+        done = 0
+        emit(progress, "generate", 0, len(requests), "answer")
+        with self._lock:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                for finished in self._run_batch(chunk, requests, on_delta, should_stop):
+                    for idx, res in finished:
+                        results[idx] = res
+                        done += 1
+                        if on_result is not None:
+                            on_result(idx, res)
+                        emit(progress, "generate", done, len(requests), "answer")
+        emit(progress, "generate", done, len(requests), "answer", finished=True)
+        return [r for r in results if r is not None]
+
+    def stream(self, request: ChatRequest) -> Iterator[str]:
+        """Text deltas of one request as tokens arrive; closing the iterator cancels it."""
+        deltas: list[str] = []
+        cancelled = threading.Event()
+        prompt = self.render_prompt(request.messages)
+        images = request_images(request.messages)
+        self._check_params(request.params, 0)
+        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
+            len(images) * (self._image_tokens - 1)
+        if n >= self.context_length:
+            raise ConfigError(f"the prompt has {n} tokens, the context length is {self.context_length}",
+                              "shorten the conversation")
+        with self._lock:
+            gen = self._run_batch([(0, prompt, images, n)], [request],
+                                  lambda _i, d: deltas.append(d), lambda _i: cancelled.is_set())
+            try:
+                for _ in gen:
+                    while deltas:
+                        yield deltas.pop(0)
+                while deltas:
+                    yield deltas.pop(0)
+            finally:
+                cancelled.set()
+                gen.close()
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check_params(p: GenerationParams, i: int) -> None:
+        if p.max_new_tokens < 1:
+            raise ConfigError(f"request {i}: max_new_tokens must be at least 1, got {p.max_new_tokens}")
+        if p.temperature < 0:
+            raise ConfigError(f"request {i}: temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise ConfigError(f"request {i}: top_p must be in (0, 1], got {p.top_p}")
+
+    def _encode(self, prompts: list[str], images: list[Any]) -> dict:
+        self.tokenizer.padding_side = "left"
+        enc = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt",
+                             add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _run_batch(self, chunk: list[tuple[int, str, list, int]], requests: list[ChatRequest],
+                   on_delta: Callable[[int, str], None] | None,
+                   should_stop: Callable[[int], bool] | None,
+                   ) -> Iterator[list[tuple[int, GenerationResult]]]:
+        """Decode one batch; after every step, yields the ``(request index, result)`` pairs of the
+        rows that finished in it (often none), so callers can stream between steps."""
+        import torch
+
+        prompts = [c[1] for c in chunk]
+        images = [img for c in chunk for img in c[2]]
+        enc = self._encode(prompts, images)
+        input_ids = enc["input_ids"]
+        mask = enc["attention_mask"]
+        rows = []
+        for (idx, _p, _imgs, n) in chunk:
+            p = requests[idx].params
+            gen = None
+            if p.temperature > 0:
+                gen = torch.Generator(device=self.device)
+                if p.seed is None:
+                    gen.seed()
+                else:
+                    gen.manual_seed(int(p.seed))
+            rows.append(_Row(index=idx, prompt_tokens=int(n),
+                             max_new=max(1, min(p.max_new_tokens, self.context_length - int(n))),
+                             temperature=float(p.temperature), top_p=float(p.top_p),
+                             stops=[s for s in list(p.stop) + self.stop_strings if s], generator=gen))
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                      use_cache=True, logits_to_keep=1)
+        kwargs[self._cache_arg] = cache
+        if "pixel_values" in enc:
+            kwargs["pixel_values"] = enc["pixel_values"].to(self.dtype)
+        active = list(range(len(rows)))  # positions in `rows` still decoding, in batch order
+        next_pos = position_ids[:, -1] + 1
+        with torch.inference_mode():
+            out = self.model(**kwargs)
+            while True:
+                logits = out.logits[:, -1, :].float()
+                tokens = self._pick(logits, [rows[a] for a in active])
+                still = []
+                finished = []
+                for b, a in enumerate(active):
+                    row = rows[a]
+                    self._advance(row, int(tokens[b]), on_delta, should_stop)
+                    if row.finish is None:
+                        still.append(b)
+                    else:
+                        finished.append((row.index, self._result(row, on_delta)))
+                yield finished
+                if not still:
+                    return
+                if len(still) < len(active):
+                    keep = torch.tensor(still, device=mask.device)
+                    cache.batch_select_indices(keep)
+                    mask = mask.index_select(0, keep)
+                    next_pos = next_pos.index_select(0, keep)
+                    tokens = tokens.index_select(0, keep)
+                    active = [active[b] for b in still]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                step = dict(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=mask,
+                            position_ids=next_pos.view(-1, 1), use_cache=True, logits_to_keep=1)
+                step[self._cache_arg] = cache
+                next_pos = next_pos + 1
+                out = self.model(**step)
+
+    def _pick(self, logits: Any, rows: list[_Row]) -> Any:
+        """Next token per row: argmax for greedy rows, a seeded draw for sampled rows."""
+        import torch
+
+        tokens = logits.argmax(dim=-1)
+        for b, row in enumerate(rows):
+            if row.temperature <= 0 or row.finish is not None:
+                continue
+            probs = torch.softmax(logits[b] / row.temperature, dim=-1)
+            if row.top_p < 1.0:
+                sp, si = probs.sort(descending=True)
+                cum = sp.cumsum(0)
+                drop = cum - sp > row.top_p  # keep tokens until the mass reaches top_p
+                sp = sp.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(0, si, sp)
+            tokens[b] = torch.multinomial(probs, 1, generator=row.generator)[0]
+        return tokens
+
+    def _advance(self, row: _Row, token: int, on_delta: Callable[[int, str], None] | None,
+                 should_stop: Callable[[int], bool] | None) -> None:
+        """Add one token to a row, then decide whether the row is finished; stream new text."""
+        if should_stop is not None and should_stop(row.index):
+            row.finish = "cancelled"
+            return
+        if token in self.eos_token_ids:
+            row.finish = "stop"
+            return
+        row.ids.append(token)
+        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
+        for s in row.stops:
+            cut = row.text.find(s)
+            if cut >= 0:
+                row.text = row.text[:cut]
+                row.finish = "stop"
+        if row.finish is None and len(row.ids) >= row.max_new:
+            row.finish = "length"
+        if row.finish is None and on_delta is not None:
+            safe = self._safe_end(row)
+            start = max(row.emitted, len(row.text) - len(row.text.lstrip()))
+            if safe > start:
+                on_delta(row.index, row.text[start:safe])
+                row.emitted = safe
+
+    @staticmethod
+    def _safe_end(row: _Row) -> int:
+        """How much of the text can be streamed: not a possible stop-string start, not a
+        half-decoded character, not trailing whitespace (the final text is stripped)."""
+        text = row.text
+        end = len(text)
+        while end > 0 and text[end - 1] == "\ufffd":
+            end -= 1
+        for s in row.stops:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if text[:end].endswith(s[:k]):
+                    end = min(end, len(text[:end]) - k)
+                    break
+        return len(text[:end].rstrip())
+
+    def _result(self, row: _Row, on_delta: Callable[[int, str], None] | None) -> GenerationResult:
+        """Finish a row: stream what was held back and build its result."""
+        final = row.text.strip()
+        if on_delta is not None:
+            lead = len(row.text) - len(row.text.lstrip())
+            start = max(row.emitted, lead)
+            rest = row.text[start:len(row.text.rstrip())] if start < len(row.text.rstrip()) else ""
+            if rest:
+                on_delta(row.index, rest)
+        return GenerationResult(text=final, finish_reason=row.finish or "length",
+                                prompt_tokens=row.prompt_tokens, completion_tokens=len(row.ids))

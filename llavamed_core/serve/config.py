@@ -1,0 +1,152 @@
+"""Settings of ``llavamed serve``: one dataclass, every field documented where it is defined.
+
+The CLI fills a :class:`ServeConfig` from its flags; :func:`llavamed_core.serve.app.create_app`
+and :func:`llavamed_core.serve.server.run_server` take it. The API key is read at run time (flag
+or ``LLAVAMED_API_KEY``), never given a default that ``--help`` could print, and never logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+__all__ = ["ServeLimits", "RemoteImagePolicy", "VllmConfig", "ServeConfig"]
+
+
+@dataclass
+class ServeLimits:
+    """Safety caps applied to every request before it reaches the engine."""
+
+    max_body_bytes: int = 20 * 1024 * 1024
+    """Largest request body accepted (bytes); larger bodies get 413."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest image accepted (width × height); checked from the header before decoding."""
+    max_image_bytes: int = 16 * 1024 * 1024
+    """Largest encoded image accepted (bytes), for data URLs and remote downloads alike."""
+    max_images: int = 4
+    """Most images one request may carry (all messages together)."""
+    max_tokens: int = 2048
+    """Largest ``max_tokens`` a request may ask for; also the default when it asks for none
+    (clipped to what the context leaves)."""
+    max_queue: int = 256
+    """Most requests waiting for a batch slot; one more gets 429."""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on a non-positive limit."""
+        for name in ("max_body_bytes", "max_image_pixels", "max_image_bytes", "max_images",
+                     "max_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RemoteImagePolicy:
+    """Whether and from where ``http(s)`` image URLs may be fetched by the server."""
+
+    allow: bool = False
+    """Fetch remote ``http(s)`` image URLs at all (off: such URLs get 400)."""
+    allowed_domains: list[str] = field(default_factory=list)
+    """Hosts that may be fetched (a host matches a domain or any of its subdomains); ``*`` = any."""
+    timeout_s: float = 10.0
+    """Whole-download timeout per image, seconds."""
+    max_redirects: int = 3
+    """Redirects followed, each one checked against ``allowed_domains`` again."""
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` when remote images are allowed without an allowlist."""
+        if self.allow and not self.allowed_domains:
+            raise ConfigError("--allow-remote-images needs --allowed-domains",
+                              "name the hosts to fetch from, e.g. --allowed-domains "
+                              "ncbi.nlm.nih.gov,example.org (or '*' for any host)")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"remote image timeout must be positive, got {self.timeout_s}")
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether ``host`` is on the allowlist (exact host or a subdomain of a listed one)."""
+        host = host.lower().rstrip(".")
+        for dom in self.allowed_domains:
+            dom = dom.lower().strip().rstrip(".")
+            if dom == "*" or host == dom or host.endswith("." + dom):
+                return True
+        return False
+
+
+@dataclass
+class VllmConfig:
+    """How to launch vLLM's own OpenAI server behind ours (``--engine vllm``)."""
+
+    bin: Path | None = None
+    """The ``vllm`` executable (default: found on ``PATH``)."""
+    tensor_parallel_size: int = 1
+    """GPUs to split the model over (vLLM ``--tensor-parallel-size``)."""
+    gpu_memory_utilization: float = 0.9
+    """Share of GPU memory vLLM may take (vLLM ``--gpu-memory-utilization``)."""
+    extra_args: list[str] = field(default_factory=list)
+    """More arguments appended to ``vllm serve`` unchanged."""
+    port: int | None = None
+    """Port of the internal vLLM server on 127.0.0.1 (default: a free one)."""
+    startup_timeout_s: float = 1800.0
+    """How long to wait for vLLM's ``/health`` before giving up (loading a 7B model and
+    capturing CUDA graphs takes minutes)."""
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``llavamed serve`` needs."""
+
+    model: Path
+    """Checkpoint directory (a standard HF Llava checkpoint)."""
+    host: str = "127.0.0.1"
+    """Interface to bind; the default keeps the server private to this machine."""
+    port: int = 8000
+    """TCP port to listen on (0 = any free port)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer token clients must send; ``None`` = no auth. Never printed or logged."""
+    served_model_name: str | None = None
+    """Name clients send as ``model`` (default: the checkpoint folder's name)."""
+    engine: str = "native"
+    """``native`` (our batched engine in this process) or ``vllm`` (vLLM behind our API)."""
+    device: str | None = None
+    """Device for the native engine (default: CUDA if present, else CPU)."""
+    dtype: str | None = None
+    """Weights dtype for the native engine (default: bf16 on CUDA, fp32 on CPU)."""
+    attn_implementation: str | None = None
+    """Attention kernel for the native engine (default: the best available)."""
+    max_batch: int = 16
+    """Most requests generated together in one batch (1 = no batching)."""
+    max_wait_ms: float = 10.0
+    """How long the first request of a batch waits for others to join it, milliseconds."""
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    """Safety caps."""
+    remote_images: RemoteImagePolicy = field(default_factory=RemoteImagePolicy)
+    """Remote image URL policy."""
+    log_requests: bool = False
+    """Log each request body (image data replaced by its size)."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """vLLM launch settings (``engine == "vllm"`` only)."""
+
+    @property
+    def model_name(self) -> str:
+        """The name this server answers to in ``/v1/models`` and the ``model`` field."""
+        return self.served_model_name or Path(self.model).resolve().name
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on an impossible combination of settings."""
+        if self.engine not in ("native", "vllm"):
+            raise ConfigError(f"unknown engine {self.engine!r}", "use --engine native or --engine vllm")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"--max-wait-ms must not be negative, got {self.max_wait_ms}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0-65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty", "give a non-empty --api-key or LLAVAMED_API_KEY, or neither")
+        if self.vllm.tensor_parallel_size < 1:
+            raise ConfigError("--tensor-parallel-size must be at least 1")
+        if not 0 < self.vllm.gpu_memory_utilization <= 1:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        self.limits.validate()
+        self.remote_images.validate()

@@ -1,0 +1,204 @@
+"""Turn the ``image_url`` of a chat message into a checked RGB image, or a 400 that says why.
+
+Data URLs (``data:image/png;base64,...``) are decoded here; ``http(s)`` URLs are fetched only
+when the server allows remote images, from allow-listed hosts, with a timeout and a size cap
+(redirects are followed by hand so every hop is checked against the allowlist). The pixel count
+is checked from the image header before any pixel is decoded, so a small file that claims a huge
+image cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from .api_errors import APIError, bad_request
+from .config import RemoteImagePolicy, ServeLimits
+
+__all__ = ["decode_data_url", "open_image", "fetch_remote_image", "to_data_url", "is_remote_url"]
+
+def is_remote_url(url: str) -> bool:
+    """Whether ``url`` is an ``http(s)`` URL (as opposed to a data URL)."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+def decode_data_url(url: str, param: str, limits: ServeLimits) -> tuple[bytes, str]:
+    """The bytes and media type of a base64 data URL.
+
+    Args:
+        url: ``data:<media type>;base64,<data>``.
+        param: the request field, for the error message.
+        limits: the size cap.
+
+    Returns:
+        ``(bytes, media_type)``.
+
+    Raises:
+        APIError: 400 when the URL is not a base64 image data URL, the base64 is invalid or the
+            data is over the size cap.
+    """
+    if not url[:5].lower() == "data:":
+        raise bad_request(f"{param}: expected a data URL (data:image/...;base64,...) or an "
+                          f"http(s) URL, got {url[:30]!r}", param, "invalid_image_url")
+    header, sep, payload = url[5:].partition(",")
+    if not sep:
+        raise bad_request(f"{param}: the data URL has no ',' before its data", param, "invalid_image_url")
+    parts = [p.strip().lower() for p in header.split(";")]
+    media_type = parts[0] or "image/*"
+    if "base64" not in parts[1:]:
+        raise bad_request(f"{param}: only base64 data URLs are accepted (data:image/png;base64,...)",
+                          param, "invalid_image_url")
+    if not media_type.startswith("image/"):
+        raise bad_request(f"{param}: the data URL's media type is {media_type!r}, not an image",
+                          param, "invalid_image")
+    if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
+        raise bad_request(f"{param}: the image is about {len(payload) * 3 // 4:,} bytes, over this "
+                          f"server's limit of {limits.max_image_bytes:,}", param, "image_too_large")
+    compact = "".join(payload.split())
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param}: the image data is not valid base64", param,
+                          "invalid_base64") from None
+    if not data:
+        raise bad_request(f"{param}: the image data is empty", param, "invalid_image")
+    return data, media_type
+
+
+def open_image(data: bytes, param: str, limits: ServeLimits) -> Any:
+    """Decode image bytes into an RGB ``PIL.Image``, checking the pixel cap first.
+
+    16-bit and float greyscale images (common for medical scans) are scaled to 0–255 by their
+    own range rather than clipped.
+
+    Raises:
+        APIError: 400 when the bytes are not an image, are corrupt, or the image has too many pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > limits.max_image_bytes:
+        raise bad_request(f"{param}: the image is {len(data):,} bytes, over this server's limit of "
+                          f"{limits.max_image_bytes:,}", param, "image_too_large")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(param, None, limits) from None
+    except UnidentifiedImageError:
+        raise bad_request(f"{param}: the data is not an image in a format the server can read "
+                          f"(PNG, JPEG, TIFF, BMP, GIF, WebP, ...)", param, "invalid_image") from None
+    except (OSError, ValueError, SyntaxError):
+        raise bad_request(f"{param}: the image header is corrupt", param, "invalid_image") from None
+    pixels = img.width * img.height
+    if pixels > limits.max_image_pixels:
+        raise _too_many_pixels(param, (img.width, img.height), limits)
+    if pixels == 0:
+        raise bad_request(f"{param}: the image is empty (0 pixels)", param, "invalid_image")
+    try:
+        img.load()
+        return _to_rgb(img)
+    except Exception as exc:  # Pillow's decoders raise many types on corrupt data; all mean "bad image"
+        raise bad_request(f"{param}: the image could not be decoded ({type(exc).__name__}: "
+                          f"truncated or corrupt)", param, "invalid_image") from None
+
+
+def _too_many_pixels(param: str, size: tuple[int, int] | None, limits: ServeLimits) -> APIError:
+    dims = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "too many pixels"
+    return bad_request(f"{param}: the image has {dims}, over this server's limit of "
+                       f"{limits.max_image_pixels:,} pixels; downscale it first", param, "image_too_large")
+
+
+def _to_rgb(img: Any) -> Any:
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency on white, as an image viewer shows it (not on black).
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+async def fetch_remote_image(url: str, param: str, policy: RemoteImagePolicy, limits: ServeLimits,
+                             client: Any) -> tuple[bytes, str]:
+    """Download an ``http(s)`` image under the remote-image policy.
+
+    Args:
+        url: the image URL.
+        param: the request field, for error messages.
+        policy: whether remote images are allowed, from which hosts, and the timeout.
+        limits: the size cap.
+        client: an ``httpx.AsyncClient``.
+
+    Returns:
+        ``(bytes, media_type)``.
+
+    Raises:
+        APIError: 400 when remote images are off, the host is not allowed, the download fails,
+            times out, is not 200, or is over the size cap.
+    """
+    import httpx
+
+    if not policy.allow:
+        raise bad_request(f"{param}: this server does not fetch remote image URLs; send the image "
+                          f"inline as a base64 data URL (data:image/png;base64,...)", param,
+                          "remote_image_not_allowed")
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            for _hop in range(policy.max_redirects + 1):
+                host = urlsplit(url).hostname or ""
+                if urlsplit(url).scheme.lower() not in ("http", "https"):
+                    raise bad_request(f"{param}: only http(s) image URLs may be fetched", param,
+                                      "remote_image_not_allowed")
+                if not policy.host_allowed(host):
+                    raise bad_request(f"{param}: host {host!r} is not in this server's allowed "
+                                      f"domains for remote images", param, "remote_image_not_allowed")
+                async with client.stream("GET", url, follow_redirects=False) as resp:
+                    if resp.is_redirect and "location" in resp.headers:
+                        url = urljoin(url, resp.headers["location"])
+                        continue
+                    if resp.status_code != 200:
+                        raise bad_request(f"{param}: fetching the image answered HTTP "
+                                          f"{resp.status_code}", param, "remote_image_failed")
+                    declared = resp.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
+                        raise _remote_too_large(param, int(declared), limits)
+                    chunks, size = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        size += len(chunk)
+                        if size > limits.max_image_bytes:
+                            raise _remote_too_large(param, size, limits)
+                        chunks.append(chunk)
+                    media_type = resp.headers.get("content-type", "image/*").split(";")[0].strip()
+                    return b"".join(chunks), media_type
+            raise bad_request(f"{param}: more than {policy.max_redirects} redirects", param,
+                              "remote_image_failed")
+    except TimeoutError:
+        raise bad_request(f"{param}: fetching the image took longer than {policy.timeout_s:g} s",
+                          param, "remote_image_timeout") from None
+    except httpx.HTTPError as exc:
+        raise bad_request(f"{param}: the image could not be fetched ({type(exc).__name__})", param,
+                          "remote_image_failed") from None
+
+
+def _remote_too_large(param: str, size: int, limits: ServeLimits) -> APIError:
+    return bad_request(f"{param}: the remote image is over {min(size, limits.max_image_bytes + 1):,} "
+                       f"bytes, over this server's limit of {limits.max_image_bytes:,}", param,
+                       "image_too_large")
+
+
+def to_data_url(data: bytes, media_type: str) -> str:
+    """A base64 data URL for image bytes."""
+    if not media_type.startswith("image/") or media_type == "image/*":
+        media_type = "image/png"
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
