@@ -79,9 +79,12 @@ def test_contraction_table_keys_are_lower_case_and_values_have_apostrophes():
     assert "couldntve" not in CONTRACTIONS and "shes" not in CONTRACTIONS
 
 
-_text = st.text(alphabet=st.sampled_from(list("abnoyest 0123456789.,;/-()'?!\"") +
-                                         ["yes", "no", "not", "the", "a", "one", "two", "dont",
-                                          "1,000", " ", "\t", "É", "ß"]), max_size=40)
+# Fragments that exercise every rule: punctuation with and without spaces, digit-comma-digit,
+# periods, number words, articles, contractions, yes/no inside other words, non-ASCII letters.
+_text = st.lists(st.sampled_from(list("abnoyest 0123456789.,;/-()'?!\"") +
+                                 ["yes", "no", "not", "the", "a", "one", "two", "dont", "1,000",
+                                  " ", "\t", "É", "ß", "normal", "eyes"]),
+                 max_size=30).map("".join)
 
 
 @settings(max_examples=300, deadline=None)
@@ -156,7 +159,7 @@ OPEN_CASES = [
     ("x-ray", "xray", 0, 0, 0, 0, 0, 0, 0),          # "x ray" vs "xray"
     ("1,000", "1000", 1, 1, 1, 1, 1, 1, 1),          # digit-comma-digit deleted
     # repetition: tp counts prediction occurrences, so P stays 1 (3/3) while token F1 drops.
-    ("left lung", "left left lung", 1, 1, 1, 0, 2 / 3, 0, 0.8),
+    ("left lung", "left left lung", 1, 1, 1, 1, 2 / 3, 0, 0.8),
     ("the", "the", 0, 0, 0, 1, 0, 1, 0),              # both normalise to "": no words → 0
 ]
 
@@ -187,15 +190,13 @@ BLEU_CASES = [
     ("left lung", "right kidney", 0.0, 0.0, 0.0, 0.0),          # no unigram match → exactly 0
     # 4 tokens vs 3: p1 3/4, p2 2/3 ("left upper", "upper lobe"), p3 1/2, p4 0; BP 1.
     ("left upper lobe", "left upper lobe mass", "~0", 0.75, 2 / 3, 0.5),
-    ("a b c d", "a b c d", 1.0, 1.0, 1.0, 1.0),                  # "a" dropped: "b c d" has no 4-gram
+    ("a b c d", "a b c d", "~0", 1.0, 1.0, 1.0),                 # "a" dropped: "b c d" has no 4-gram
 ]
 
 
 @pytest.mark.parametrize("gt,pred,b,b1,b2,b3", BLEU_CASES)
 def test_bleu_hand_checked(gt, pred, b, b1, b2, b3):
     scores = bleu_scores(normalize_answer(gt), normalize_answer(pred))
-    if gt == "a b c d":  # after normalisation: "b c d" both sides, 3 tokens → 4-gram p4 = 0
-        b = "~0"
     for key, want in zip(("bleu", "bleu_1", "bleu_2", "bleu_3"), (b, b1, b2, b3)):
         if want == "~0":
             assert 0 <= scores[key] < 1e-70, key

@@ -209,8 +209,7 @@ def make_synthetic_vqa(cfg: SynthConfig, progress: ProgressCallback | None = Non
     write_records_json(paths["test"], splits["test"])
     write_records_json(paths["align"], align)
     write_records_json(paths["instruct"], instruct)
-    meta = asdict(cfg)
-    meta["out"] = str(out)
+    meta = {k: v for k, v in asdict(cfg).items() if k != "out"}  # path-free: same seed, same bytes
     atomic_write_json(out / "synth_config.json", meta)
     emit(progress, "synth", total, total, unit="image", finished=True)
     test = splits["test"]
