@@ -13,8 +13,12 @@ import typer
 from llavamed_core import __version__
 
 from ._errors import LlavamedGroup
+from .chat import chat_command
 from .data import app as data_app
 from .eval import app as eval_app
+from .train import app as train_app
+from .instruct import app as instruct_app
+from .serve import serve_command
 from .weights import app as weights_app
 
 app = typer.Typer(
@@ -47,6 +51,10 @@ def _root(
 app.add_typer(data_app, name="data")
 app.add_typer(weights_app, name="weights")
 app.add_typer(eval_app, name="eval")
+app.add_typer(train_app, name="train")
+app.add_typer(instruct_app, name="instruct")
+app.command("chat")(chat_command)
+app.command("serve")(serve_command)
 
 
 def run() -> None:

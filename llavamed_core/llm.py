@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from .errors import ConfigError, LLMError
 from .io import atomic_write_json
@@ -150,8 +151,11 @@ class Endpoint:
     api_version: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        """Safe to print: provider, URL, API version and where the key came from (never the key)."""
-        return {"provider": self.provider, "url": self.url, "api_version": self.api_version,
+        """Safe to print: provider, URL (without any user:password@), API version and where the key
+        came from (never the key)."""
+        parts = urlsplit(self.url)
+        url = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl() if "@" in parts.netloc else self.url
+        return {"provider": self.provider, "url": url, "api_version": self.api_version,
                 "api_key": self.key_source}
 
 
@@ -220,9 +224,9 @@ def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = N
             return min(max(float(value) / scale, 0.0), MAX_RETRY_AFTER)
         except ValueError:
             if name == "retry-after":
-                parsed = email.utils.parsedate_to_datetime(value) if value.strip() else None
+                parsed = email.utils.parsedate_tz(value)
                 if parsed is not None:
-                    wait = parsed.timestamp() - (time.time() if now is None else now)
+                    wait = email.utils.mktime_tz(parsed) - (time.time() if now is None else now)
                     return min(max(wait, 0.0), MAX_RETRY_AFTER)
     return None
 
@@ -244,14 +248,17 @@ class LLMRequestFailed(LLMError):
     """One request failed for good (retries exhausted, or a non-retryable 4xx); the run goes on.
 
     Attributes:
-        reason: short cause, e.g. ``"HTTP 500 after 6 attempts"``.
+        reason: the cause, e.g. ``"HTTP 500 after 6 attempts"``.
         attempts: attempts made.
+        kind: the cause's category for counting (``"HTTP 500"``, ``"timeout"``, ``"connection error"``,
+            ``"malformed response"``).
     """
 
-    def __init__(self, reason: str, attempts: int):
+    def __init__(self, reason: str, attempts: int, kind: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.attempts = attempts
+        self.kind = kind or reason
 
 
 class UsageMeter:
@@ -519,15 +526,16 @@ class LLMClient:
             except openai.APIStatusError as exc:
                 status = exc.status_code
                 if status < 500 and status not in RETRYABLE_STATUS:
-                    raise LLMRequestFailed(f"HTTP {status}: {self._server_message(exc)}", attempts) from None
-                reason = f"HTTP {status}"
+                    raise LLMRequestFailed(f"HTTP {status}: {self._server_message(exc)}", attempts,
+                                           f"HTTP {status}") from None
+                kind = reason = f"HTTP {status}"
                 wait_hint = retry_after_seconds(exc.response.headers if exc.response is not None else None)
             except openai.APITimeoutError:
-                reason = f"timeout after {self.cfg.timeout:g} s"
+                kind, reason = "timeout", f"timeout ({self.cfg.timeout:g} s)"
             except openai.APIConnectionError:
-                reason = "connection error"
+                kind = reason = "connection error"
             except (openai.APIResponseValidationError, ValueError, _Malformed) as exc:
-                reason = f"malformed response ({str(exc)[:80]})"
+                kind, reason = "malformed response", f"malformed response ({str(exc)[:80]})"
             else:
                 if handle is not None:
                     self.limiter.settle(handle, comp.prompt_tokens + comp.completion_tokens)
@@ -536,7 +544,8 @@ class LLMClient:
                     self.cache.put(key, model, comp)
                 return comp
             if attempts > self.cfg.max_retries:
-                raise LLMRequestFailed(f"{reason} after {attempts} attempt{'s' * (attempts > 1)}", attempts)
+                raise LLMRequestFailed(f"{reason} after {attempts} attempt{'s' * (attempts > 1)}", attempts,
+                                       kind)
             self.usage.add_retry()
             self._sleep(wait_hint if wait_hint is not None else self._backoff(attempts))
 
@@ -579,9 +588,11 @@ def run_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int,
                    max_consecutive_failures: int | None = None) -> Iterator[tuple[T, R | LLMRequestFailed]]:
     """Run ``fn`` over ``items`` in a thread pool and yield ``(item, result)`` as each finishes.
 
-    Results come back to the calling thread, so it alone writes files. At most ``2 × concurrency``
-    items are submitted ahead. A :class:`LLMRequestFailed` from ``fn`` is yielded in place of the
-    result (the run goes on); any other exception cancels what is queued and is raised.
+    Exactly ``concurrency`` items are in flight while work remains; the next is submitted as soon
+    as one finishes, before the caller handles the result. Results come back to the calling thread,
+    so it alone writes files. A :class:`LLMRequestFailed` from ``fn`` is yielded in place of the
+    result (the run goes on); any other exception cancels what is queued and is raised at once,
+    before more work is submitted.
 
     Args:
         fn: the work for one item (called in worker threads).
@@ -596,32 +607,37 @@ def run_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int,
     streak = 0
     pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llm")
     pending: dict[cf.Future, T] = {}
-    try:
-        def top_up() -> None:
-            while len(pending) < 2 * concurrency:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                pending[pool.submit(fn, item)] = item
 
+    def top_up() -> None:
+        while len(pending) < concurrency:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            pending[pool.submit(fn, item)] = item
+
+    try:
         top_up()
         while pending:
             done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
+            finished: list[tuple[T, Any]] = []
             for fut in done:
                 item = pending.pop(fut)
-                try:
-                    result: Any = fut.result()
-                    streak = 0
-                except LLMRequestFailed as exc:
-                    result = exc
+                exc = fut.exception()
+                if exc is not None and not isinstance(exc, LLMRequestFailed):
+                    raise exc
+                finished.append((item, exc if exc is not None else fut.result()))
+            top_up()
+            for item, result in finished:
+                if isinstance(result, LLMRequestFailed):
                     streak += 1
                     if max_consecutive_failures and streak >= max_consecutive_failures:
-                        raise LLMError(f"{streak} requests in a row failed; the last: {exc.reason}",
+                        raise LLMError(f"{streak} requests in a row failed; the last: {result.reason}",
                                        "check that the endpoint is up (and its URL), then rerun: "
-                                       "the job resumes") from None
+                                       "the job resumes")
+                else:
+                    streak = 0
                 yield item, result
-            top_up()
     finally:
         for fut in pending:
             fut.cancel()

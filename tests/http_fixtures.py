@@ -10,6 +10,9 @@ test scripts per path:
 - ``stall``: wait before answering (to trip the client's read timeout);
 - ``ignore_range``: answer 200 with the whole body even when ``Range`` was asked.
 
+It also answers absolute-form requests (``GET http://host/path``), so a test can point
+``HTTP_PROXY`` at it and check that the client goes through the proxy.
+
 For benchmarks it adds a latency to every request and limits each connection's bandwidth.
 Also here: builders of the test data (JPEG/PNG/TIFF bytes, a decompression bomb, tar.gz archives).
 
@@ -76,6 +79,15 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Stay quiet when a client hangs up (tests close streams early on purpose)."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class FileServer:
@@ -177,13 +189,20 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 - stdlib naming
             self._serve(head=False)
 
-        def _log(self, status: int, sent: int = 0) -> None:
+        def _log(self, status: int) -> RequestLog:
+            """Log the request before answering, so a client never sees an answer not yet logged."""
+            entry = RequestLog(self.command, self._path, self.headers.get("Range"), status, 0,
+                               dict(self.headers.items()))
             with server._lock:
-                server.log.append(RequestLog(self.command, self._path, self.headers.get("Range"),
-                                             status, sent, dict(self.headers.items())))
+                server.log.append(entry)
+            return entry
 
         def _serve(self, head: bool) -> None:
-            self._path = self.path.split("?", 1)[0].lstrip("/")
+            path = self.path
+            if path.startswith(("http://", "https://")):
+                # Absolute form: the request came through us acting as a proxy.
+                path = "/" + path.split("://", 1)[1].partition("/")[2]
+            self._path = path.split("?", 1)[0].lstrip("/")
             if server.latency:
                 time.sleep(server.latency)
             faults = server._take_faults(self._path)
@@ -193,6 +212,7 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             for f in faults:
                 if f.kind == "status":
                     body = f"{f.status} scripted\n".encode()
+                    self._log(f.status)
                     self.send_response(f.status)
                     if f.retry_after is not None:
                         self.send_header("Retry-After", f.retry_after)
@@ -201,18 +221,17 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                     self.end_headers()
                     if not head:
                         self.wfile.write(body)
-                    self._log(f.status)
                     return
             data = server.files.get(self._path)
             if data is None:
                 body = b"404 not found\n"
+                self._log(404)
                 self.send_response(404)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if not head:
                     self.wfile.write(body)
-                self._log(404)
                 return
             etag = '"' + hashlib.sha1(data).hexdigest()[:16] + '"'
             ignore_range = any(f.kind == "ignore_range" for f in faults)
@@ -228,15 +247,16 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 except ValueError:
                     start, end = 0, len(data) - 1
                 if start >= len(data):
+                    self._log(416)
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                    self._log(416)
                     return
                 end = min(end, len(data) - 1)
                 status = 206
             body = data[start:end + 1]
+            entry = self._log(status)
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
@@ -247,12 +267,10 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
             self.end_headers()
             if head:
-                self._log(status)
                 return
             drop = next((f for f in faults if f.kind == "drop"), None)
             limit = len(body) if drop is None else min(drop.after_bytes, len(body))
-            sent = self._send_paced(body[:limit])
-            self._log(status, sent)
+            entry.sent = self._send_paced(body[:limit])
             if drop is not None:
                 self.close_connection = True
                 # The client may already be gone; the cut is what we wanted either way.

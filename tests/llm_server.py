@@ -153,6 +153,8 @@ class LLMServer:
         self._lock = threading.Lock()
         self._scripts: list[tuple[str, list[Action]]] = []
         self._requests: list[RecordedRequest] = []
+        self._in_flight = 0
+        self.max_in_flight = 0  # most completion requests handled at the same moment
         self._server = _Server(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self._server.handle_error = lambda request, client_address: None  # client hung up: expected here
@@ -265,11 +267,23 @@ class LLMServer:
                 server._record(RecordedRequest("POST", parts.path, parse_qs(parts.query),
                                                {k.lower(): v for k, v in self.headers.items()},
                                                body, time.time()))
-                if not parts.path.endswith("/chat/completions") or not isinstance(body, dict):
-                    self._send(400 if isinstance(body, dict) or raw else 404,
-                               b'{"error": {"message": "bad request"}}')
+                if not parts.path.endswith("/chat/completions"):
+                    self._send(404, b'{"error": {"message": "not found"}}')
+                    return
+                if not isinstance(body, dict):
+                    self._send(400, b'{"error": {"message": "the body is not a JSON object"}}')
                     return
                 action = server._next_action(body)
+                with server._lock:
+                    server._in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server._in_flight)
+                try:
+                    self._answer(body, action)
+                finally:
+                    with server._lock:
+                        server._in_flight -= 1
+
+            def _answer(self, body: dict, action: Action) -> None:
                 delay = server.latency + action.delay
                 if delay:
                     time.sleep(delay)

@@ -39,6 +39,9 @@ NORMALISER_CASES = [
     ("t1/t2 weighted", "t1 t2 weighted"),
     ("left (upper) lobe, right", "left upper lobe right"),  # " (", ") ", ", " → all three deleted
     ("(yes)", "yes"),                                       # no spaces: both brackets → spaces
+    # The space test looks at the input, not the partly cleaned string: '/' becomes a space first,
+    # leaving " -y", yet '-' had no space beside it in the input, so it too becomes a space.
+    ("x/-y z-w", "x y z w"),
     ("What?!", "what"),
     ("1,000 cells (approx)", "1000 cells approx"),          # digit-comma-digit: every punct deleted
     ("x-ray 1,5", "xray 15"),                               # ... even the '-' that had no space

@@ -6,3 +6,6 @@ app = typer.Typer(help="Get, prepare, synthesise and validate data.", no_args_is
 
 # Each module registers its command on ``app`` when imported (keep one import per command module).
 from . import synth, validate  # noqa: E402,F401
+from . import download  # noqa: E402,F401
+from . import extract  # noqa: E402,F401
+from . import prepare  # noqa: E402,F401

@@ -6,3 +6,6 @@ app = typer.Typer(help="Build, convert, apply deltas to and merge checkpoints.",
 
 # Each module registers its command on ``app`` when imported (keep one import per command module).
 from . import init  # noqa: E402,F401
+from . import delta  # noqa: E402,F401
+from . import convert  # noqa: E402,F401
+from . import merge_lora  # noqa: E402,F401

@@ -73,7 +73,6 @@ CLOSED_METRICS = ("paper_closed_acc", "strict_closed_acc")
 OPEN_METRICS = ("paper_open_recall", "paper_open_precision", "paper_open_f1", "paper_open_acc",
                 "paper_exact_match_score", "open_exact_match", "open_token_f1",
                 "bleu", "bleu_1", "bleu_2", "bleu_3")
-ALL_METRICS = ("exact_match",)
 
 METRICS: dict[str, str] = {
     "paper_closed_acc": "Closed acc. (paper: gt substring of prediction)",

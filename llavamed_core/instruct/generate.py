@@ -15,14 +15,15 @@ again on the next run.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, data_error
-from ..io import JsonlAppender, atomic_write, iter_records, load_json, read_jsonl
+from ..errors import ConfigError, DataError, data_error
+from ..io import JsonlAppender, atomic_write, iter_records, read_jsonl
 from ..llm import LLMClient, LLMConfig, LLMRequestFailed, run_concurrent
 from ..progress import ProgressCallback, emit
 from ..records import DOMAINS
@@ -93,26 +94,32 @@ def failures_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.failures.jsonl")
 
 
-def load_figures(path: str | os.PathLike) -> list[tuple[str | None, list[dict]]]:
+def load_figures(path: str | os.PathLike) -> list[tuple[str | None, list[Any]]]:
     """The figure lists of a caption file as ``(list name, records)`` pairs.
 
     A JSON object gives one list per key (the released layout); a JSON array or JSONL gives one
     unnamed list.
 
     Raises:
-        DataError: a missing file, or a top-level value that is neither.
+        DataError: a missing or malformed file, or a top-level value that is neither.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found", "check --input")
     with open(path, encoding="utf-8") as fh:
         head = fh.read(4096).lstrip("\ufeff \t\r\n")
-    if head.startswith("[") or (head.startswith("{") and "\n{" in head.strip() and _is_jsonl(path)):
+    if head.startswith("["):
         return [(None, list(iter_records(path)))]
-    obj = load_json(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several JSON values: JSON lines
+            return [(None, list(read_jsonl(path)))]
+        raise data_error(path, f"line {exc.lineno}", None, f"not valid JSON ({exc.msg})",
+                         "the file may be truncated; download it again") from None
     if not isinstance(obj, dict):
         raise data_error(path, None, None, f"expected a JSON object of figure lists, found {type(obj).__name__}")
-    if "pair_id" in obj:  # one record on its own
+    if "pair_id" in obj:  # a JSONL file with a single record
         return [(None, [obj])]
     lists = []
     for name, value in obj.items():
@@ -120,18 +127,6 @@ def load_figures(path: str | os.PathLike) -> list[tuple[str | None, list[dict]]]
             raise data_error(path, None, name, f"expected a list of figure records, found {type(value).__name__}")
         lists.append((name, value))
     return lists
-
-
-def _is_jsonl(path: Path) -> bool:
-    """True when the first line is a complete JSON object (JSON lines rather than one object)."""
-    import json
-
-    with open(path, encoding="utf-8") as fh:
-        first = fh.readline()
-    try:
-        return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
-        return False
 
 
 def _check_figure(path: Path, where: str, rec: Any, list_name: str | None) -> FigureSample:
@@ -218,9 +213,8 @@ def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = No
         LLMError: the endpoint refused the credentials, the model is unknown, or too many
             requests failed in a row. Everything answered so far is kept; a rerun resumes.
     """
+    cfg.llm.check()
     if cfg.max_size is not None and cfg.max_size < 1:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--max-size must be at least 1, got {cfg.max_size}")
     prompt = load_prompt(cfg.prompt_file)
     samples, dups = select_round_robin(Path(cfg.input), load_figures(cfg.input), cfg.max_size)
@@ -255,7 +249,7 @@ def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = No
                                               cfg.llm.max_consecutive_failures):
                 if isinstance(res, LLMRequestFailed):
                     result.failed += 1
-                    key = res.reason.split(":")[0]
+                    key = res.kind
                     result.failure_reasons[key] = result.failure_reasons.get(key, 0) + 1
                     failures.write({"pair_id": sample.pair_id, "reason": res.reason,
                                     "attempts": res.attempts})

@@ -86,11 +86,14 @@ class BatchScheduler:
         max_batch: most requests per batch (1 = one at a time).
         max_wait_ms: longest wait for a batch to fill once its first request is queued.
         max_queue: most queued (not yet running) requests.
+        check: called in the worker thread with each request right before its batch runs; an
+            exception it raises fails that request alone (e.g. a prompt over the context length).
     """
 
     def __init__(self, engine: Any, max_batch: int = 16, max_wait_ms: float = 10.0,
-                 max_queue: int = 256):
+                 max_queue: int = 256, check: Callable[[Any], None] | None = None):
         self.engine = engine
+        self.check = check
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -166,6 +169,10 @@ class BatchScheduler:
             self._run_batch(batch)
 
     def _run_batch(self, batch: list[Job]) -> None:
+        if self.check is not None:
+            batch = [job for job in batch if self._passes_check(job)]
+            if not batch:
+                return
         start = time.monotonic()
         for job in batch:
             job.started_at = start
@@ -201,6 +208,15 @@ class BatchScheduler:
             if job.cancelled:
                 self.stats.cancelled += 1
             _deliver(job, "done", res)
+
+
+    def _passes_check(self, job: Job) -> bool:
+        try:
+            self.check(job.request)  # type: ignore[misc]
+        except Exception as exc:  # delivered to this request only; the batch goes on
+            _deliver(job, "error", exc)
+            return False
+        return True
 
 
 def _deliver(job: Job, kind: str, payload: Any) -> None:

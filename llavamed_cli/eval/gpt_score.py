@@ -1,0 +1,89 @@
+"""``llavamed eval gpt-score``: an LLM judge scores a model's chat-benchmark answers (resumable).
+
+Example::
+
+    export OPENAI_API_KEY=...
+    llavamed eval gpt-score --questions llava_med_eval_qa50_qa.jsonl --answers answers.jsonl \
+        --output reviews.jsonl --judge gpt-4o
+    llavamed eval summarize reviews.jsonl
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import _console
+from .._llm_options import (ApiVersionOpt, AzureEndpointOpt, BackoffOpt, BaseUrlOpt, CacheDirOpt,
+                            ConcurrencyOpt, MaxRetriesOpt, MaxTokensOpt, NoCacheOpt, PriceInOpt,
+                            PriceOutOpt, ProviderOpt, RpmOpt, TemperatureOpt, TimeoutOpt, TpmOpt,
+                            usage_rows)
+from .._options import JsonOpt
+from . import app
+
+
+def _ids(ids: list, limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f", … ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+@app.command("gpt-score")
+def gpt_score(
+    questions: Annotated[Path, typer.Option("--questions", "-q", help="Chat-benchmark questions (llava_med_eval_qa50_qa.jsonl).")],
+    answers: Annotated[Path, typer.Option("--answers", "-a", help="The model's answer file (JSONL), joined by question_id.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Reviews JSONL; appended, and a rerun resumes.")],
+    judge: Annotated[str, typer.Option("--judge", help="Judge model (Azure: deployment name).")] = "gpt-4o",
+    retry_unscored: Annotated[bool, typer.Option("--retry-unscored", help="Ask again for reviews an earlier run recorded as unscored.")] = False,
+    temperature: TemperatureOpt = 0.2,
+    max_tokens: MaxTokensOpt = 1024,
+    base_url: BaseUrlOpt = None,
+    azure_endpoint: AzureEndpointOpt = None,
+    api_version: ApiVersionOpt = None,
+    provider: ProviderOpt = "auto",
+    concurrency: ConcurrencyOpt = 8,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    max_retries: MaxRetriesOpt = 5,
+    backoff: BackoffOpt = 1.0,
+    timeout: TimeoutOpt = 120.0,
+    price_in: PriceInOpt = None,
+    price_out: PriceOutOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score each answer against the reference with an LLM judge (two 1-10 scores per question)."""
+    from llavamed_core.eval.judge import JudgeConfig, score_answers
+    from llavamed_core.llm import LLMConfig
+
+    llm = LLMConfig(model=judge, provider=provider, base_url=base_url, azure_endpoint=azure_endpoint,
+                    api_version=api_version, temperature=temperature, max_tokens=max_tokens,
+                    concurrency=concurrency, rpm=rpm, tpm=tpm, max_retries=max_retries, backoff=backoff,
+                    timeout=timeout, price_in=price_in, price_out=price_out, cache_dir=cache_dir,
+                    use_cache=not no_cache)
+    cfg = JudgeConfig(questions=questions, answers=answers, output=output, llm=llm,
+                      retry_unscored=retry_unscored)
+    with _console.progress() as cb:
+        res = score_answers(cfg, progress=cb)
+    if res.missing_answers:
+        _console.warn(f"{len(res.missing_answers)} question(s) have no answer in {answers}: ids {_ids(res.missing_answers)}")
+    if res.unknown_answers:
+        _console.warn(f"{len(res.unknown_answers)} answer(s) match no question in {questions}: ids {_ids(res.unknown_answers)}")
+    if res.unscored:
+        _console.warn(f"{res.unscored} review(s) had no readable scores after a second try; recorded as "
+                      "unscored (rerun with --retry-unscored to ask again)")
+    if res.failed:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(res.failure_reasons.items()))
+        _console.warn(f"{res.failed} request(s) failed ({reasons}); rerun the same command to ask again")
+    if json_out:
+        _console.print_json(res.to_dict())
+        return
+    rows = [["output", str(res.output)], ["endpoint", f"{res.endpoint['url']} ({res.endpoint['provider']})"],
+            ["judge", judge], ["questions / answers / joined", f"{res.questions} / {res.answers} / {res.joined}"],
+            ["already reviewed", res.already_done], ["asked now", res.requested], ["scored", res.scored],
+            ["unscored", res.unscored], ["re-asked (unreadable first reply)", res.retried_unparseable],
+            ["failed", res.failed]]
+    _console.print_table("eval gpt-score", ["", "value"], rows + usage_rows(res.usage, res.elapsed_s))
+    _console.info(f"Next: llavamed eval summarize {res.output}")

@@ -1,0 +1,111 @@
+"""``llavamed eval vqa``: answer a VQA test set (or the qa50 chat benchmark) and score it.
+
+Two modes:
+
+- generate and score: ``--model CKPT`` (or ``--server URL``) ``--dataset vqa-rad|slake|pathvqa|FILE``
+  ``--out DIR`` writes ``DIR/answers.jsonl`` (resumable) and ``DIR/results.json``;
+- score only: ``--answers FILE --gt FILE`` for an existing answer file (ours or the original
+  scripts'); results.json goes to ``--out`` or beside the answer file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import _console
+from .._options import DeviceOpt, DtypeOpt, JsonOpt
+from . import app
+
+
+def _print_report(report, title: str) -> None:
+    from llavamed_core.eval.vqa_metrics import breakdown_rows, render_rows
+
+    _console.print_table(title, ["metric", "value (%)"], render_rows(report))
+    for by in ("answer_type", "question_type", "modality"):
+        columns, rows = breakdown_rows(report, by)
+        if rows:
+            _console.print_table(f"by {by.replace('_', ' ')} (%)", columns, rows)
+
+
+@app.command("vqa")
+def vqa(
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="vqa-rad, slake, pathvqa (prepared under --data-root), or a question file: a prepared test.json or the qa50 JSONL.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint (or LoRA adapter) directory to answer with.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory: answers.jsonl (resumable) and results.json.")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder the records' image paths are relative to (default: images/ beside the question file).")] = None,
+    data_root: Annotated[Path, typer.Option("--data-root", help="Where `llavamed data prepare` wrote the named datasets (<root>/<name>/test.json).")] = Path("data"),
+    split: Annotated[str, typer.Option("--split", help="Split file of a named dataset.")] = "test",
+    base: Annotated[Optional[Path], typer.Option("--base", help="Base checkpoint of a LoRA adapter (default: from adapter_config.json).")] = None,
+    server: Annotated[Optional[str], typer.Option("--server", help="OpenAI-compatible server URL to ask instead of --model (llavamed serve, vLLM, ...).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVAMED_API_KEY", show_envvar=True, help="API key for --server.")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model name to request from --server (default: its first model).")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Requests in flight with --server.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per forward pass.")] = 16,
+    gpus: Annotated[int, typer.Option("--gpus", help="Split the questions over N GPUs (one process each).")] = 0,
+    nproc: Annotated[int, typer.Option("--nproc", help="Split the questions over N CPU processes.")] = 1,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Answer only the first N questions (smoke runs).")] = None,
+    closed_suffix: Annotated[str, typer.Option("--closed-suffix", help="Text appended to CLOSED questions, e.g. ' Answer yes or no.' (recorded in results.json; the original used none).")] = "",
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Answer length cap (default 128; 1024 for the qa50 chat benchmark).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (the paper's evaluation).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    answers: Annotated[Optional[Path], typer.Option("--answers", help="Score this existing answer file (with --gt) instead of generating.")] = None,
+    gt: Annotated[Optional[Path], typer.Option("--gt", help="Ground-truth file for --answers.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a VQA test set (or the qa50 chat benchmark) and report the paper's and strict metrics."""
+    from llavamed_core.errors import ConfigError
+
+    if answers is not None or gt is not None:
+        if answers is None or gt is None:
+            raise ConfigError("scoring an existing file needs both --answers and --gt")
+        if model is not None or server is not None or dataset is not None:
+            raise ConfigError("--answers/--gt score an existing file; drop --model/--server/--dataset")
+        from llavamed_core.eval.answers import score_answer_file
+        from llavamed_core.io import atomic_write_json
+
+        report = score_answer_file(answers, gt)
+        path = (out / "results.json") if out else answers.with_name(answers.stem + ".results.json")
+        result = report.to_dict()
+        atomic_write_json(path, result)
+        if json_out:
+            _console.print_json(dict(result, results_file=str(path)))
+        else:
+            _print_report(report, f"VQA metrics: {answers.name} vs {gt.name}")
+            _console.info(f"results: {path}")
+        return
+
+    from llavamed_core.eval.answers import VQAEvalConfig, evaluate_vqa, resolve_dataset
+
+    if dataset is None or out is None:
+        raise ConfigError("give --dataset and --out (or --answers and --gt to score a file)")
+    if (model is None) == (server is None):
+        raise ConfigError("give exactly one of --model and --server")
+    path = resolve_dataset(dataset, data_root, split)
+    cfg = VQAEvalConfig(dataset=path, out=out, images=images, model=model, base=base, server=server,
+                        api_key=api_key, model_name=model_name, concurrency=concurrency,
+                        batch_size=batch_size, nproc=nproc, gpus=gpus, limit=limit,
+                        closed_suffix=closed_suffix, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed, device=device, dtype=dtype,
+                        dataset_name=dataset)
+    with _console.progress() as cb:
+        res = evaluate_vqa(cfg, progress=cb)
+    run = res.run
+    if json_out:
+        _console.print_json(dict(res.results, results_file=str(res.results_path)))
+        return
+    _console.print_table(f"eval vqa: {dataset}", ["questions", "answered now", "resumed", "processes",
+                                                  "questions/s", "answers"],
+                         [[run.total, run.answered, run.resumed, run.processes,
+                           round(run.questions_per_second, 2), str(run.answers)]])
+    if res.report is not None:
+        _print_report(res.report, f"VQA metrics: {dataset}")
+    else:
+        _console.info("no ground truth in this question file (chat benchmark): score the answers "
+                      "with `llavamed eval gpt-score`")
+    _console.info(f"results: {res.results_path}")

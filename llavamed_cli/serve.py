@@ -1,0 +1,94 @@
+"""``llavamed serve``: the OpenAI-compatible API and web chat page for a checkpoint.
+
+Run: ``llavamed serve --model ckpt/tiny`` then open http://127.0.0.1:8000/ or point any OpenAI
+client at ``http://127.0.0.1:8000/v1``. Logs (one line per request) go to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import _console
+from ._options import DeviceOpt, DtypeOpt, ModelOpt
+
+_API = "API"
+_LIMITS = "Limits"
+_BATCH = "Batching"
+_VLLM = "vLLM engine"
+
+
+def serve_command(
+    model: ModelOpt,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 = every interface; mind --api-key).", rich_help_panel=_API)] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free port).", rich_help_panel=_API)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' (default: $LLAVAMED_API_KEY; none = no auth).", show_default=False, rich_help_panel=_API)] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model name clients send (default: the checkpoint folder's name).", rich_help_panel=_API)] = None,
+    engine: Annotated[str, typer.Option(help="native (our engine, batched) or vllm (vLLM's server behind ours).", rich_help_panel=_API)] = "native",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_batch: Annotated[int, typer.Option(help="Most requests generated together (1 = no batching).", rich_help_panel=_BATCH)] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests to join, ms.", rich_help_panel=_BATCH)] = 10.0,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 429.", rich_help_panel=_BATCH)] = 256,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (more: 413).", rich_help_panel=_LIMITS)] = 20.0,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height.", rich_help_panel=_LIMITS)] = 4096 * 4096,
+    max_image_mb: Annotated[float, typer.Option(help="Largest encoded image, MiB.", rich_help_panel=_LIMITS)] = 16.0,
+    max_images: Annotated[int, typer.Option(help="Most images per request.", rich_help_panel=_LIMITS)] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask (also the default).", rich_help_panel=_LIMITS)] = 2048,
+    allow_remote_images: Annotated[bool, typer.Option(help="Fetch http(s) image URLs (needs --allowed-domains).", rich_help_panel=_LIMITS)] = False,
+    allowed_domains: Annotated[str, typer.Option(help="Comma-separated hosts remote images may come from (subdomains included; '*' = any).", rich_help_panel=_LIMITS)] = "",
+    remote_image_timeout: Annotated[float, typer.Option(help="Seconds to download one remote image.", rich_help_panel=_LIMITS)] = 10.0,
+    log_requests: Annotated[bool, typer.Option(help="Log request bodies (image data replaced by its size).")] = False,
+    vllm_bin: Annotated[Optional[Path], typer.Option(help="The vllm executable (default: `vllm` on PATH).", rich_help_panel=_VLLM)] = None,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to split the model over (vLLM).", rich_help_panel=_VLLM)] = 1,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of GPU memory vLLM may take.", rich_help_panel=_VLLM)] = 0.9,
+    vllm_args: Annotated[str, typer.Option(help="More arguments for `vllm serve`, e.g. \"--max-model-len 4096\".", rich_help_panel=_VLLM)] = "",
+) -> None:
+    """Serve a checkpoint: OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) and a web chat page at /."""
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.serve.config import RemoteImagePolicy, ServeConfig, ServeLimits, VllmConfig
+    from llavamed_core.serve.server import run_server
+
+    key = api_key if api_key is not None else os.environ.get("LLAVAMED_API_KEY") or None
+    try:
+        extra = shlex.split(vllm_args)
+    except ValueError as exc:
+        raise ConfigError(f"--vllm-args: {exc}", "quote it as one string, e.g. --vllm-args \"--max-model-len 4096\"") from None
+    config = ServeConfig(
+        model=model, host=host, port=port, api_key=key, served_model_name=served_model_name,
+        engine=engine, device=device, dtype=dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        limits=ServeLimits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+                           max_image_bytes=int(max_image_mb * 1024 * 1024), max_images=max_images,
+                           max_tokens=max_tokens, max_queue=max_queue),
+        remote_images=RemoteImagePolicy(allow=allow_remote_images, timeout_s=remote_image_timeout,
+                                        allowed_domains=[d.strip() for d in allowed_domains.split(",") if d.strip()]),
+        log_requests=log_requests,
+        vllm=VllmConfig(bin=vllm_bin, tensor_parallel_size=tensor_parallel_size,
+                        gpu_memory_utilization=gpu_memory_utilization, extra_args=extra),
+    )
+    if engine == "vllm":
+        from llavamed_core.serve.vllm import find_vllm
+
+        config.validate()
+        find_vllm(vllm_bin)  # fail now, before binding, with the install hint
+    _setup_logging()
+    if key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        _console.warn(f"listening on {host} without --api-key: anyone who can reach it may use it")
+    run_server(config)
+
+
+def _setup_logging() -> None:
+    """Plain timestamped lines on stderr for our request log and uvicorn's own messages."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    debug = os.environ.get("LLAVAMED_DEBUG", "") not in ("", "0", "false")
+    for name in ("llavamed", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.DEBUG if debug and name == "llavamed" else logging.INFO)
+        logger.propagate = False

@@ -1,0 +1,89 @@
+"""``llavamed weights apply-delta`` and ``make-delta``: LLaVA-Med delta weights, streamed.
+
+Run: ``llavamed weights apply-delta --base LLAMA-7B --delta llava-med-7b-delta --out llava-med-7b``
+(add ``--to-hf --vision clip-vit-large-patch14`` for a standard Hugging Face Llava checkpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import _console
+from .._options import JsonOpt, OverwriteOpt
+from . import app
+
+DtypeCastOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="Cast both inputs to float16, bfloat16 or float32 first (the original tool used float16). "
+                    "Default: keep the stored dtypes, which must match.")]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 500MB, 2GB.")]
+
+
+def _render(result, json_out: bool) -> None:
+    from dataclasses import asdict
+
+    if json_out:
+        _console.print_json(asdict(result))
+        return
+    if result.notes:
+        for note in result.notes:
+            _console.info(note)
+    if result.inexact_elements:
+        _console.warn(f"{result.inexact_elements:,} elements in {len(result.inexact_tensors)} tensors "
+                      f"(e.g. {result.inexact_tensors[0]}) cannot be reached exactly by base + delta in "
+                      "their dtype; --dtype float32 makes an exact delta")
+    rows = [[result.out, result.tensors, result.combined, len(result.taken_as_stored),
+             ", ".join(f"{k} +{v}" for k, v in result.extra_rows.items()) or "-",
+             len(result.dropped), result.shards, result.bytes, round(result.seconds, 2)]]
+    _console.print_table(f"weights {result.mode}-delta",
+                         ["out", "tensors", "combined", "taken as stored", "extra rows", "dropped",
+                          "shards", "bytes", "seconds"], rows)
+    if result.convert is not None:
+        _console.print_table(f"converted: {result.convert.layout}", ["what was done"],
+                             [[a] for a in result.convert.actions])
+
+
+@app.command("apply-delta")
+def apply_delta_command(
+    base: Annotated[Path, typer.Option("--base", help="Base model directory (LLaMA-7B in Hugging Face format for LLaVA-Med v1).")],
+    delta: Annotated[Path, typer.Option("--delta", help="Delta directory (e.g. microsoft/llava-med-7b-delta).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    to_hf: Annotated[bool, typer.Option("--to-hf", help="Write a standard Hugging Face Llava checkpoint (see `weights convert`).")] = False,
+    vision: Annotated[Optional[Path], typer.Option("--vision", help="CLIP directory for --to-hf (the v1 vision tower).")] = None,
+    dtype: DtypeCastOpt = None,
+    max_shard_size: ShardOpt = "2GB",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add a delta to its base model, tensor by tensor, in constant memory."""
+    from llavamed_core.model.delta import ApplyDeltaConfig, apply_delta
+    from llavamed_core.model.shards import parse_size
+
+    cfg = ApplyDeltaConfig(base=base, delta=delta, out=out, dtype=dtype, to_hf=to_hf, vision=vision,
+                           max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
+    with _console.progress() as cb:
+        result = apply_delta(cfg, progress=cb)
+    _render(result, json_out)
+
+
+@app.command("make-delta")
+def make_delta_command(
+    base: Annotated[Path, typer.Option("--base", help="Base model directory.")],
+    target: Annotated[Path, typer.Option("--target", help="Full model directory (same tensor names as the base).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for the delta.")],
+    dtype: DtypeCastOpt = None,
+    max_shard_size: ShardOpt = "2GB",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write target minus base: the exact inverse of apply-delta."""
+    from llavamed_core.model.delta import MakeDeltaConfig, make_delta
+    from llavamed_core.model.shards import parse_size
+
+    cfg = MakeDeltaConfig(base=base, target=target, out=out, dtype=dtype,
+                          max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
+    with _console.progress() as cb:
+        result = make_delta(cfg, progress=cb)
+    _render(result, json_out)

@@ -1,0 +1,565 @@
+"""Answer generation for ``llavamed eval vqa``: batched, resumable, split over processes, scored.
+
+- Questions come from a prepared VQA test file (our conversation format, ``llavamed data
+  prepare``) or from the chat benchmark's qa50 JSONL (FORMATS.md); ids must be unique.
+- Answers are appended one line each to ``OUT/answers.jsonl`` (FORMATS.md answer format,
+  ``question_id`` = the record's id) with :class:`~llavamed_core.io.JsonlAppender`, so a kill loses
+  at most the batch in flight and a rerun answers only the ids still missing. When every
+  question is answered the file is rewritten (atomically) in the question file's order, as the
+  original scripts wrote it.
+- ``nproc`` > 1 splits the missing questions over that many worker processes (one GPU each with
+  ``gpus``); each appends to ``answers.part<k>.jsonl``; the parts are merged at the end (and at
+  the start of a rerun after a kill).
+- With a ``server`` the questions go to an OpenAI-compatible endpoint, ``concurrency`` in flight.
+- VQA sets are then scored with :func:`~llavamed_core.eval.vqa_metrics.score_vqa` and
+  ``OUT/results.json`` records the scores with everything that decided the answers (model,
+  prompt suffix for closed questions, generation parameters).
+
+A worker process runs ``python -m llavamed_core.eval.answers WORKER.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError, LlavamedError, data_error
+from ..io import JsonlAppender, atomic_write, atomic_write_json, iter_records, read_jsonl
+from ..progress import ProgressCallback, emit
+from ..records import Conversation, load_conversations, load_qa50
+
+__all__ = ["DATASETS", "VQAEvalConfig", "Question", "AnswerRun", "resolve_dataset", "load_questions",
+           "question_request", "answer_questions", "score_answer_file", "evaluate_vqa",
+           "load_image", "VQAEvalResult", "ANSWERS_FILE", "RESULTS_FILE"]
+
+DATASETS = ("vqa-rad", "slake", "pathvqa")
+"""Dataset names that resolve to ``DATA_ROOT/<name>/<split>.json`` (written by ``data prepare``)."""
+
+ANSWERS_FILE = "answers.jsonl"
+RESULTS_FILE = "results.json"
+
+# Answer length when not given: short for VQA (one word or phrase), long for the chat benchmark,
+# whose reference answers are paragraphs (the original model_vqa used 1024).
+_DEFAULT_MAX_NEW = {"vqa": 128, "qa50": 1024}
+
+
+@dataclass
+class VQAEvalConfig:
+    """Options of :func:`evaluate_vqa` (the flags of ``llavamed eval vqa``).
+
+    Attributes:
+        dataset: question file: a prepared VQA test file (conversation format) or qa50 JSONL.
+        out: output directory (``answers.jsonl``, ``results.json``).
+        images: folder the records' image paths are relative to (default: ``images/`` beside
+            the question file, else its folder).
+        model: checkpoint (or LoRA adapter) directory, for in-process generation.
+        base: base checkpoint of a LoRA adapter (default: from its adapter_config.json).
+        server: URL of an OpenAI-compatible server to ask instead of loading ``model``.
+        api_key: API key for ``server``.
+        model_name: model name to request from ``server`` (default: its first listed model).
+        concurrency: requests in flight at once with ``server``.
+        batch_size: requests per forward pass in-process.
+        nproc: worker processes to split the questions over (in-process generation only).
+        gpus: number of GPUs; one worker per GPU (sets ``nproc``).
+        limit: answer only the first ``limit`` questions of the file (smoke runs).
+        closed_suffix: text appended to CLOSED questions' prompts (e.g. " Answer yes or no.");
+            recorded in results.json. The original evaluation used none.
+        max_new_tokens: answer length cap (default 128 for VQA sets, 1024 for qa50).
+        temperature: 0 = greedy (the paper's evaluation).
+        top_p: nucleus sampling threshold.
+        seed: sampling seed (each question gets ``seed + its position``).
+        device: torch device (default CUDA when present).
+        dtype: torch dtype name (default bf16 on CUDA, fp32 on CPU).
+        dataset_name: name shown in tables and results.json (default: the file's name).
+        shard: for worker processes: ``(k, n)`` = answer the k-th of n slices of the missing ids.
+    """
+
+    dataset: Path
+    out: Path
+    images: Path | None = None
+    model: Path | None = None
+    base: Path | None = None
+    server: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    model_name: str | None = None
+    concurrency: int = 8
+    batch_size: int = 16
+    nproc: int = 1
+    gpus: int = 0
+    limit: int | None = None
+    closed_suffix: str = ""
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    dataset_name: str = ""
+    shard: tuple[int, int] | None = None
+
+
+@dataclass
+class Question:
+    """One question to answer.
+
+    Attributes:
+        id: record id (``question_id`` of the answer).
+        image: image path relative to the images folder ("" for text-only questions).
+        text: question text without ``<image>``.
+        image_first: the image goes before the text (as in the record).
+        answer_type: ``OPEN``/``CLOSED`` for VQA records, else ``None``.
+        conversation: the ground-truth record (VQA sets), else ``None``.
+    """
+
+    id: Any
+    image: str
+    text: str
+    image_first: bool
+    answer_type: str | None = None
+    conversation: Conversation | None = None
+
+
+@dataclass
+class AnswerRun:
+    """What :func:`answer_questions` did.
+
+    Attributes:
+        answers: the answer file.
+        kind: ``vqa`` (has ground truth) or ``qa50``.
+        total: questions in scope (after ``limit``).
+        answered: answers written by this run.
+        resumed: answers that were already on disk.
+        seconds: generation time of this run.
+        model_id: the model name written in the answers.
+        processes: worker processes used.
+        questions: the questions in scope.
+    """
+
+    answers: Path
+    kind: str
+    total: int
+    answered: int
+    resumed: int
+    seconds: float
+    model_id: str
+    processes: int = 1
+    questions: list[Question] = field(default_factory=list, repr=False)
+
+    @property
+    def questions_per_second(self) -> float:
+        """Answers written per second of generation."""
+        return self.answered / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_dataset(name_or_path: str, data_root: str | os.PathLike = "data", split: str = "test") -> Path:
+    """The question file behind ``--dataset``: a known name under ``data_root``, or a path.
+
+    Raises:
+        DataError: neither an existing file nor a prepared dataset.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if name_or_path in DATASETS:
+        candidate = Path(data_root) / name_or_path / f"{split}.json"
+        if candidate.is_file():
+            return candidate
+        raise DataError(f"{candidate}: {name_or_path} is not prepared under {data_root}",
+                        f"run `llavamed data prepare {name_or_path} --src RAW --out "
+                        f"{Path(data_root) / name_or_path}`, or pass --data-root")
+    raise DataError(f"{name_or_path}: no such question file",
+                    f"give a file, or one of {', '.join(DATASETS)} (prepared with `llavamed data prepare`)")
+
+
+def _kind_of(path: Path) -> str:
+    for obj in iter_records(path):
+        return "qa50" if "question_id" in obj and "text" in obj and "conversations" not in obj \
+            and "conversatons" not in obj else "vqa"
+    raise DataError(f"{path}: the question file is empty")
+
+
+def load_questions(path: str | os.PathLike) -> tuple[str, list[Question]]:
+    """Read a question file: ``("vqa", questions)`` or ``("qa50", questions)``.
+
+    Raises:
+        DataError: a malformed record or a duplicate id (file, record id, field named).
+    """
+    path = Path(path)
+    kind = _kind_of(path)
+    out = []
+    if kind == "qa50":
+        for q in load_qa50(path):
+            text = q.text
+            first = text.lstrip().startswith("<image>")
+            out.append(Question(q.question_id, q.image or "", text.replace("<image>", "").strip(),
+                                first))
+        return kind, out
+    for conv in load_conversations(path, require_image=True, strict=False):
+        if len(conv.turns) < 1:
+            raise data_error(path, conv.id, conv.key, "no question turn")
+        first = conv.turns[0].value.lstrip().startswith("<image>")
+        out.append(Question(conv.id, conv.image or "", conv.question(), first, conv.answer_type, conv))
+    return kind, out
+
+
+def load_image(images: Path, q: Question, questions_path: Path | str) -> Any:
+    """Open and decode a question's image (RGB).
+
+    Raises:
+        DataError: missing file, or one that does not decode as an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = images / q.image
+    if not p.is_file():
+        raise data_error(questions_path, q.id, "image", f"image file {p} not found",
+                         "check --images (the folder the records' image paths are relative to)")
+    try:
+        with Image.open(p) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise data_error(questions_path, q.id, "image", f"{p} does not decode as an image "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                         "replace or remove the file; answers so far are kept and a rerun resumes") from None
+
+
+def question_prompt(q: Question, closed_suffix: str = "") -> str:
+    """The question text sent to the model (with the closed-question suffix where it applies)."""
+    return q.text + (closed_suffix if closed_suffix and q.answer_type == "CLOSED" else "")
+
+
+def question_request(q: Question, image: Any, cfg: VQAEvalConfig, kind: str, position: int) -> Any:
+    """The chat request for one question: its text and image, in the record's order."""
+    from ..infer import ChatRequest, GenerationParams
+
+    text = question_prompt(q, cfg.closed_suffix)
+    if image is None:
+        content: Any = text
+    elif q.image_first:
+        content = [{"type": "image", "image": image}, {"type": "text", "text": text}]
+    else:
+        content = [{"type": "text", "text": text + "\n"}, {"type": "image", "image": image}]
+    params = GenerationParams(max_new_tokens=cfg.max_new_tokens or _DEFAULT_MAX_NEW[kind],
+                              temperature=cfg.temperature, top_p=cfg.top_p,
+                              seed=None if cfg.seed is None else cfg.seed + position)
+    return ChatRequest([{"role": "user", "content": content}], params)
+
+
+def _default_images(dataset: Path) -> Path:
+    img = dataset.parent / "images"
+    return img if img.is_dir() else dataset.parent
+
+
+def _read_done(path: Path) -> dict[str, dict]:
+    """Answers already in an answer file, by ``str(question_id)`` (a half-written tail ignored)."""
+    done: dict[str, dict] = {}
+    if path.exists():
+        for obj in read_jsonl(path):
+            if "question_id" not in obj:
+                raise data_error(path, "?", "question_id", "missing",
+                                 "this is not an answer file; choose another --out")
+            done[str(obj["question_id"])] = obj
+    return done
+
+
+def _merge_parts(out: Path) -> None:
+    """Append the answers of ``answers.part*.jsonl`` to ``answers.jsonl`` (once each), then delete the parts."""
+    main = out / ANSWERS_FILE
+    parts = sorted(out.glob("answers.part*.jsonl"))
+    if not parts:
+        return
+    done = _read_done(main)
+    with JsonlAppender(main) as app:
+        for part in parts:
+            for obj in read_jsonl(part):
+                key = str(obj.get("question_id"))
+                if key not in done:
+                    app.write(obj)
+                    done[key] = obj
+    for part in parts:
+        part.unlink()
+
+
+def _check_ids(done: dict[str, dict], questions: list[Question], answers: Path, dataset: Path) -> None:
+    ids = {str(q.id) for q in questions}
+    strangers = [k for k in done if k not in ids]
+    if strangers:
+        raise DataError(f"{answers}: holds answers for ids that are not in {dataset} "
+                        f"(e.g. {strangers[0]!r}); is it another dataset's answer file?",
+                        "choose another --out for this dataset")
+
+
+def _open_engine(cfg: VQAEvalConfig) -> Any:
+    if cfg.server:
+        from ..infer.remote import RemoteEngine
+
+        return RemoteEngine.connect(cfg.server, api_key=cfg.api_key, model_name=cfg.model_name,
+                                    concurrency=cfg.concurrency)
+    from ..infer import Engine
+
+    return Engine.load(cfg.model, device=cfg.device, dtype=cfg.dtype, base=cfg.base)
+
+
+def _answer_in_process(cfg: VQAEvalConfig, kind: str, todo: list[tuple[int, Question]], images: Path,
+                       target: Path, progress: ProgressCallback | None, total: int, already: int,
+                       engine: Any = None) -> str:
+    """Answer ``todo`` (position, question) into ``target``; returns the model id."""
+    engine = engine if engine is not None else _open_engine(cfg)
+    chunk_size = max(cfg.batch_size * 8, cfg.concurrency * 4, 64)
+    done = already
+    emit(progress, "answers", done, total, "question")
+    with JsonlAppender(target) as app:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start:start + chunk_size]
+            reqs, prompts = [], []
+            for pos, q in chunk:
+                image = load_image(images, q, cfg.dataset) if q.image else None
+                reqs.append(question_request(q, image, cfg, kind, pos))
+                prompts.append(question_prompt(q, cfg.closed_suffix))
+
+            def write(i: int, res: Any, chunk=chunk, prompts=prompts) -> None:
+                nonlocal done
+                app.write({"question_id": chunk[i][1].id, "prompt": prompts[i], "text": res.text,
+                           "answer_id": uuid.uuid4().hex, "model_id": engine.model_name,
+                           "metadata": {"finish_reason": res.finish_reason,
+                                        "prompt_tokens": res.prompt_tokens,
+                                        "completion_tokens": res.completion_tokens}})
+                done += 1
+                emit(progress, "answers", done, total, "question")
+
+            engine.generate(reqs, batch_size=cfg.batch_size, on_result=write)
+    return engine.model_name
+
+
+def _worker_env(k: int, n: int, gpus: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(k)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // n)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    env["RANK"] = str(k)  # only rank 0 of a distributed run prints
+    return env
+
+
+def _answer_with_workers(cfg: VQAEvalConfig, n: int, progress: ProgressCallback | None,
+                         total: int, already: int) -> None:
+    """Run ``n`` worker processes on slices of the missing ids; merge their part files."""
+    out = cfg.out
+    procs = []
+    try:
+        for k in range(n):
+            spec = out / f".worker{k}.json"
+            d = asdict(cfg)
+            d.update(shard=[k, n], nproc=1, gpus=0, device=("cuda" if cfg.gpus else cfg.device))
+            atomic_write_json(spec, {key: (str(v) if isinstance(v, Path) else v) for key, v in d.items()})
+            log = open(out / f".worker{k}.log", "w", encoding="utf-8")
+            procs.append((subprocess.Popen([sys.executable, "-m", "llavamed_core.eval.answers", str(spec)],
+                                           stdout=subprocess.DEVNULL, stderr=log, env=_worker_env(k, n, cfg.gpus)),
+                          log, spec))
+        while any(p.poll() is None for p, _, _ in procs):
+            parts = sum(sum(1 for _ in open(f, encoding="utf-8")) for f in out.glob("answers.part*.jsonl"))
+            emit(progress, "answers", already + parts, total, "question")
+            time.sleep(0.5)
+    finally:
+        for p, log, _ in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+            log.close()
+    for k, (p, _log, spec) in enumerate(procs):
+        if p.returncode != 0:
+            raise _worker_error(out / f".worker{k}.log", k, p.returncode)
+        spec.unlink(missing_ok=True)
+        (out / f".worker{k}.log").unlink(missing_ok=True)
+    _merge_parts(out)
+
+
+def _worker_error(log: Path, k: int, code: int) -> LlavamedError:
+    """The error a worker reported (its last ``LLAVAMED_ERROR`` line), as a typed error."""
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    for line in reversed(text.splitlines()):
+        if line.startswith("LLAVAMED_ERROR "):
+            info = json.loads(line[len("LLAVAMED_ERROR "):])
+            return LlavamedError(info["message"], info.get("hint"))
+    tail = text.strip().splitlines()[-1] if text.strip() else "no output"
+    return LlavamedError(f"worker {k} exited with status {code}: {tail}",
+                         f"see {log}; the answers so far are kept and a rerun resumes")
+
+
+def answer_questions(cfg: VQAEvalConfig, progress: ProgressCallback | None = None,
+                     engine: Any = None) -> AnswerRun:
+    """Answer every question of ``cfg.dataset`` not yet in ``cfg.out/answers.jsonl``.
+
+    Args:
+        cfg: the options.
+        progress: receives ``answers`` events (questions answered / total).
+        engine: an already loaded engine to use (else one is loaded from ``cfg``).
+
+    Returns:
+        What was done (:class:`AnswerRun`).
+
+    Raises:
+        ConfigError: neither or both of model and server, or a bad option.
+        DataError: a bad question file (duplicate ids, malformed records), an image that does
+            not decode, or an answer file in ``out`` that belongs to another dataset.
+    """
+    if engine is None and (cfg.model is None) == (cfg.server is None):
+        raise ConfigError("give exactly one of --model and --server")
+    if cfg.batch_size < 1 or cfg.concurrency < 1 or cfg.nproc < 1 or cfg.gpus < 0:
+        raise ConfigError("--batch-size, --concurrency and --nproc must be at least 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"--limit {cfg.limit}: must be at least 1")
+    kind, questions = load_questions(cfg.dataset)
+    if cfg.limit is not None:
+        questions = questions[:cfg.limit]
+    images = cfg.images if cfg.images is not None else _default_images(Path(cfg.dataset))
+    if cfg.images is not None and not Path(cfg.images).is_dir():
+        raise DataError(f"--images {cfg.images}: not a directory", "give the folder holding the images")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    main = out / ANSWERS_FILE
+    if cfg.shard is None:
+        _merge_parts(out)
+    done = _read_done(main)
+    _check_ids(done, questions, main, Path(cfg.dataset))
+    todo = [(i, q) for i, q in enumerate(questions) if str(q.id) not in done]
+    already = len(questions) - len(todo)
+    nproc = cfg.gpus or cfg.nproc
+    start = time.monotonic()
+    model_id = next(iter(done.values()), {}).get("model_id", "")
+    if cfg.shard is not None:
+        k, n = cfg.shard
+        part = out / f"answers.part{k}.jsonl"
+        part_done = _read_done(part)
+        mine = [t for t in todo[k::n] if str(t[1].id) not in part_done]
+        model_id = _answer_in_process(cfg, kind, mine, images, part, None, len(questions), 0, engine)
+        nproc = 1
+    elif todo and nproc > 1 and not cfg.server and engine is None:
+        nproc = min(nproc, len(todo))
+        _answer_with_workers(cfg, nproc, progress, len(questions), already)
+    elif todo:
+        model_id = _answer_in_process(cfg, kind, todo, images, main, progress, len(questions),
+                                      already, engine)
+        nproc = 1
+    seconds = time.monotonic() - start
+    emit(progress, "answers", len(questions), len(questions), "question", finished=True)
+    if cfg.shard is None:
+        final = _read_done(main)
+        if all(str(q.id) in final for q in questions):
+            _rewrite_in_order(main, questions, final)
+        model_id = model_id or next(iter(final.values()), {}).get("model_id", "")
+    return AnswerRun(answers=main, kind=kind, total=len(questions), answered=len(todo) if cfg.shard is None
+                     else len(mine), resumed=already, seconds=seconds, model_id=model_id, processes=nproc,
+                     questions=questions)
+
+
+def _rewrite_in_order(path: Path, questions: list[Question], answers: dict[str, dict]) -> None:
+    """Rewrite a complete answer file in question order (atomically), keeping any extra lines after."""
+    ids = [str(q.id) for q in questions]
+    current = [str(o["question_id"]) for o in read_jsonl(path)]
+    if current[:len(ids)] == ids:
+        return
+    rest = [k for k in current if k not in set(ids)]
+    with atomic_write(path) as fh:
+        for k in ids + rest:
+            fh.write(json.dumps(answers[k], ensure_ascii=False) + "\n")
+
+
+def score_answer_file(answers: str | os.PathLike, gt: str | os.PathLike) -> Any:
+    """Score an answer file against a VQA ground-truth file (conversation format).
+
+    Questions without an answer count as missing (and score 0).
+
+    Args:
+        answers: answer JSONL (ours or the original scripts').
+        gt: ground-truth file.
+
+    Returns:
+        The :class:`~llavamed_core.eval.vqa_metrics.VQAReport`.
+
+    Raises:
+        DataError: malformed files, duplicate ids, or answers for another dataset.
+    """
+    from ..records import load_answers
+    from .vqa_metrics import score_vqa
+
+    convs = load_conversations(gt, require_image=False, strict=False)
+    ans = load_answers(answers)
+    return score_vqa(convs, ans, gt_path=str(gt), answers_path=str(answers))
+
+
+@dataclass
+class VQAEvalResult:
+    """The outcome of :func:`evaluate_vqa`: the run, the report (VQA sets) and results.json."""
+
+    run: AnswerRun
+    report: Any
+    results_path: Path
+    results: dict[str, Any]
+
+
+def evaluate_vqa(cfg: VQAEvalConfig, progress: ProgressCallback | None = None,
+                 engine: Any = None) -> VQAEvalResult:
+    """Answer the questions (resuming), score them when there is ground truth, write results.json.
+
+    Args:
+        cfg: the options.
+        progress: progress callback.
+        engine: an already loaded engine (else loaded from ``cfg``).
+
+    Returns:
+        :class:`VQAEvalResult`; ``report`` is ``None`` for the qa50 chat benchmark.
+    """
+    from .vqa_metrics import score_vqa
+
+    run = answer_questions(cfg, progress, engine)
+    report = None
+    results: dict[str, Any] = {
+        "dataset": cfg.dataset_name or Path(cfg.dataset).name, "questions_file": str(cfg.dataset),
+        "model": str(cfg.model) if cfg.model else None, "server": cfg.server,
+        "model_id": run.model_id, "kind": run.kind, "limit": cfg.limit,
+        "closed_suffix": cfg.closed_suffix,
+        "generation": {"max_new_tokens": cfg.max_new_tokens or _DEFAULT_MAX_NEW[run.kind],
+                       "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
+                       "batch_size": cfg.batch_size, "processes": run.processes},
+        "run": {"total": run.total, "answered": run.answered, "resumed": run.resumed,
+                "seconds": round(run.seconds, 3),
+                "questions_per_second": round(run.questions_per_second, 3)},
+        "answers_file": str(run.answers),
+    }
+    if run.kind == "vqa":
+        from ..records import load_answers
+
+        report = score_vqa([q.conversation for q in run.questions], load_answers(run.answers),
+                           gt_path=str(cfg.dataset), answers_path=str(run.answers))
+        results.update(report.to_dict())
+    path = atomic_write_json(Path(cfg.out) / RESULTS_FILE, results)
+    return VQAEvalResult(run, report, path, results)
+
+
+def _worker_main(spec_path: str) -> int:
+    """Entry point of a worker process: answer one slice, report a typed error as one line."""
+    spec = json.loads(Path(spec_path).read_text())
+    for key in ("dataset", "out", "images", "model", "base"):
+        if spec.get(key) is not None:
+            spec[key] = Path(spec[key])
+    spec["shard"] = tuple(spec["shard"])
+    cfg = VQAEvalConfig(**spec)
+    try:
+        answer_questions(cfg)
+    except LlavamedError as exc:
+        sys.stderr.write("LLAVAMED_ERROR " + json.dumps({"message": exc.message, "hint": exc.hint}) + "\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))

@@ -1,0 +1,271 @@
+"""``eval gpt-score``: an LLM judge scores model answers against the reference answers.
+
+Questions (the qa50 JSONL) and answers (an answer file) are joined by ``question_id``, never by line
+order; ids missing on either side are reported. For each question the judge sees the figure caption
+and the sentences that mention the figure as context, the question, answer 1 (the reference
+``gpt4_answer``) and answer 2 (the model's), and must put two 1–10 scores on its first line
+(FORMATS.md, "LLM-judged chat score"). :func:`parse_scores` reads them robustly; a review it cannot
+read is asked once more (bypassing the cache), then recorded as unscored.
+
+Reviews are JSONL, appended as they arrive and resumed by ``question_id``. Each carries what
+``eval summarize`` needs: ``question_id``, ``type``, ``domain`` (the five flags) and
+``domain_bucket`` (the first true of chest_xray, mri, histology, gross, ct_scan), ``ref_score``,
+``model_score`` (``null`` when unscored), ``scored`` and the judge's text in ``review``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, data_error
+from ..instruct.prompt import mention_texts
+from ..io import JsonlAppender, atomic_write, read_jsonl
+from ..llm import LLMClient, LLMConfig, LLMRequestFailed, run_concurrent
+from ..progress import ProgressCallback, emit
+from ..records import IMAGE_TOKEN, QA50Question, first_domain, load_answers, load_qa50
+
+__all__ = ["JudgeConfig", "JudgeResult", "judge_messages", "parse_scores", "score_answers",
+           "JUDGE_SYSTEM"]
+
+JUDGE_SYSTEM = ("You are a careful and impartial reviewer of answers to questions about biomedical "
+                "images. You judge accuracy against the figure's description and clinical knowledge.")
+
+_INSTRUCTIONS = (
+    "Two AI assistants answered the question above about a biomedical figure. You cannot see the "
+    "figure; its caption and the sentences of the article that mention it are given as context, "
+    "while the question was asked as if the image were visible.\n"
+    "Rate the helpfulness, relevance, accuracy and level of detail of each answer, and give each "
+    "assistant one overall score from 1 to 10, where a higher score means a better answer.\n"
+    "On the first line write only the two scores, for Assistant 1 and Assistant 2 in that order, "
+    "separated by a space. From the second line on, explain your judgement. Do not let the order "
+    "in which the answers appear, or their length alone, sway you.")
+
+
+@dataclass
+class JudgeConfig:
+    """Settings of one ``eval gpt-score`` run."""
+
+    questions: Path
+    """The chat-benchmark questions (qa50 JSONL)."""
+    answers: Path
+    """The model's answer file (JSONL, joined by ``question_id``)."""
+    output: Path
+    """Reviews JSONL, appended and resumed."""
+    llm: LLMConfig
+    """The judge endpoint; ``llm.model`` is the judge model."""
+    retry_unscored: bool = False
+    """Ask again for questions recorded as unscored by an earlier run."""
+
+
+@dataclass
+class JudgeResult:
+    """What one run did, and the ids that did not join."""
+
+    output: Path
+    questions: int
+    answers: int
+    joined: int
+    already_done: int
+    requested: int
+    scored: int = 0
+    unscored: int = 0
+    failed: int = 0
+    retried_unparseable: int = 0
+    missing_answers: list[Any] = field(default_factory=list)
+    unknown_answers: list[Any] = field(default_factory=list)
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
+    endpoint: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = dict(self.__dict__)
+        d["output"] = str(self.output)
+        return d
+
+
+def judge_messages(q: QA50Question, answer: str) -> list[dict]:
+    """The judge's chat messages for one question and one model answer.
+
+    Raises:
+        ValueError: an ``in_text_mention`` of unknown shape.
+    """
+    mentions = mention_texts(q.in_text_mention)
+    context = f"Figure caption: {q.fig_caption.strip() or '(none)'}\n"
+    context += "Sentences that mention the figure:\n" + (
+        "\n".join(f"- {m}" for m in mentions) if mentions else "(none)")
+    question = q.text.replace(IMAGE_TOKEN, "").strip()
+    user = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
+            f"[Assistant 1]\n{q.gpt4_answer.strip()}\n\n[End of Assistant 1]\n\n"
+            f"[Assistant 2]\n{answer.strip()}\n\n[End of Assistant 2]\n\n[System]\n{_INSTRUCTIONS}\n")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?![\d.])")
+_LABELLED = r"(?:assistant|answer)\s*{n}\b[^\d\n]{{0,25}}?(\d+(?:\.\d+)?)"
+
+
+def _in_range(a: float, b: float) -> bool:
+    return 1.0 <= a <= 10.0 and 1.0 <= b <= 10.0
+
+
+def parse_scores(text: str) -> tuple[float, float] | None:
+    """Read the judge's two scores (reference, model).
+
+    Accepts the asked-for first line ``"8 6"`` and common variants: ``"8, 6"``, ``"**8 6**"``,
+    ``"Scores: 8/10 and 6/10"``, ``"Assistant 1: 8  Assistant 2: 6"`` (on one line or two), decimals.
+    Scores must lie in 1–10.
+
+    Returns:
+        The two scores, or ``None`` when the text does not give exactly two in range.
+    """
+    lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+    if not lines:
+        return None
+    first = re.sub(r"[*_`#]", " ", lines[0])
+    first = re.sub(r"\b(?:assistant|answer)\s*[12]\b", " ", first, flags=re.I)
+    first = re.sub(r"/\s*10(?:\.0+)?\b", " ", first)
+    nums = [float(x) for x in _NUMBER.findall(first)]
+    if len(nums) == 2 and _in_range(*nums):
+        return nums[0], nums[1]
+    head = "\n".join(lines[:4])
+    m1 = re.search(_LABELLED.format(n=1), head, re.I)
+    m2 = re.search(_LABELLED.format(n=2), head, re.I)
+    if m1 and m2:
+        a, b = float(m1.group(1)), float(m2.group(1))
+        if _in_range(a, b):
+            return a, b
+    return None
+
+
+def _fail_path(output: Path) -> Path:
+    return output.with_name(f"{output.stem}.failures.jsonl")
+
+
+def _existing_reviews(output: Path, retry_unscored: bool) -> set[str]:
+    """Ids already reviewed; with ``retry_unscored`` the unscored ones are removed from the file."""
+    if not output.exists():
+        return set()
+    keep: list[dict] = []
+    done: set[str] = set()
+    dropped = 0
+    for i, rec in enumerate(read_jsonl(output), 1):
+        if "question_id" not in rec:
+            raise data_error(output, f"line {i}", "question_id", "missing in the existing reviews",
+                             "is --output another kind of file? choose a new path")
+        if retry_unscored and not rec.get("scored"):
+            dropped += 1
+            continue
+        keep.append(rec)
+        done.add(str(rec["question_id"]))
+    if dropped:
+        with atomic_write(output) as fh:
+            for rec in keep:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return done
+
+
+def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
+                  client: LLMClient | None = None) -> JudgeResult:
+    """Have the judge score every joined (question, answer) pair not reviewed yet.
+
+    Args:
+        cfg: the run settings.
+        progress: receives ``gpt-score`` events (done/total with scored, unscored, tokens, cost).
+        client: an existing client (default: one built from ``cfg.llm``).
+
+    Returns:
+        Counts, the ids that did not join, failure reasons, usage and the endpoint (no secrets).
+
+    Raises:
+        DataError: unreadable inputs, or no question with an answer.
+        LLMError: credentials refused, unknown judge model, or too many failures in a row.
+    """
+    cfg.llm.check()
+    questions = load_qa50(cfg.questions)
+    answers = {str(a.question_id): a for a in load_answers(cfg.answers)}
+    qids = {str(q.question_id) for q in questions}
+    joined = [q for q in questions if str(q.question_id) in answers]
+    missing = [q.question_id for q in questions if str(q.question_id) not in answers]
+    unknown = [a.question_id for k, a in answers.items() if k not in qids]
+    if not joined:
+        raise DataError(f"{cfg.answers}: no answer matches a question_id of {cfg.questions}",
+                        "are these answers for this question file?")
+    for q in joined:
+        try:
+            mention_texts(q.in_text_mention)
+        except ValueError as exc:
+            raise data_error(cfg.questions, q.question_id, "in_text_mention", str(exc)) from None
+    output = Path(cfg.output)
+    done = _existing_reviews(output, cfg.retry_unscored)
+    todo = [q for q in joined if str(q.question_id) not in done]
+    own_client = client is None
+    client = client or LLMClient(cfg.llm)
+    res = JudgeResult(output, len(questions), len(answers), len(joined), len(joined) - len(todo),
+                      len(todo), missing_answers=missing, unknown_answers=unknown,
+                      endpoint={**client.endpoint.describe(), "model": cfg.llm.model})
+    start = time.monotonic()
+
+    def judge(q: QA50Question) -> tuple[tuple[float, float] | None, str, int]:
+        msgs = judge_messages(q, answers[str(q.question_id)].text)
+        first = client.complete(msgs)
+        scores = parse_scores(first.text)
+        if scores is not None:
+            return scores, first.text, 1
+        # Unreadable: ask once more, past the cache (which holds the unreadable answer).
+        second = client.complete(msgs, refresh=True)
+        return parse_scores(second.text), second.text, 2
+
+    def report(finished: bool = False) -> None:
+        u = client.usage
+        info: dict[str, Any] = {"scored": res.scored, "unscored": res.unscored, "failed": res.failed,
+                                "tokens": u.tokens}
+        if u.cost is not None:
+            info["cost"] = round(u.cost, 4)
+        emit(progress, "gpt-score", res.scored + res.unscored + res.failed, res.requested, "question",
+             finished=finished, **info)
+
+    fail_path = _fail_path(output)
+    with atomic_write(fail_path):
+        pass  # the failures file describes the latest run only
+    try:
+        report()
+        with JsonlAppender(output) as out, JsonlAppender(fail_path) as failures:
+            for q, r in run_concurrent(judge, todo, cfg.llm.concurrency, cfg.llm.max_consecutive_failures):
+                if isinstance(r, LLMRequestFailed):
+                    res.failed += 1
+                    key = r.kind
+                    res.failure_reasons[key] = res.failure_reasons.get(key, 0) + 1
+                    failures.write({"question_id": q.question_id, "reason": r.reason, "attempts": r.attempts})
+                    report()
+                    continue
+                scores, text, tries = r
+                res.retried_unparseable += int(tries > 1)
+                ans = answers[str(q.question_id)]
+                rec = {"question_id": q.question_id, "pair_id": q.raw.get("pair_id"), "type": q.type,
+                       "domain": q.domain, "domain_bucket": first_domain(q.domain),
+                       "judge": cfg.llm.model, "answer_model_id": ans.model_id,
+                       "answer_id": ans.answer_id,
+                       "ref_score": scores[0] if scores else None,
+                       "model_score": scores[1] if scores else None,
+                       "scored": scores is not None, "review": text, "judge_tries": tries}
+                if scores is None:
+                    rec["reason"] = f"unparseable judge output ({tries} tries)"
+                    res.unscored += 1
+                else:
+                    res.scored += 1
+                out.write(rec)
+                report()
+        report(finished=True)
+    finally:
+        res.usage = client.usage.snapshot()
+        res.elapsed_s = round(time.monotonic() - start, 3)
+        if own_client:
+            client.close()
+    return res

@@ -1,0 +1,16 @@
+"""``llavamed serve``: an OpenAI-compatible chat API with micro-batching, a web chat page, and vLLM.
+
+- :mod:`.config`: :class:`ServeConfig` and its parts (limits, remote-image policy, vLLM launch).
+- :mod:`.app`: the FastAPI app (routes, auth, limits, errors, request log, web page).
+- :mod:`.protocol` / :mod:`.images`: request checking, image decoding, response shapes.
+- :mod:`.scheduler`: the batching worker in front of the engine.
+- :mod:`.native` / :mod:`.vllm`: the two backends (our engine; vLLM's server behind a proxy).
+- :mod:`.server`: bind and run under uvicorn.
+- ``static/index.html``: the web chat page.
+
+Nothing here is imported by ``llavamed --help``; FastAPI and uvicorn load inside the functions.
+"""
+
+from .config import RemoteImagePolicy, ServeConfig, ServeLimits, VllmConfig
+
+__all__ = ["ServeConfig", "ServeLimits", "RemoteImagePolicy", "VllmConfig"]

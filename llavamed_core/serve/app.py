@@ -1,0 +1,316 @@
+"""The FastAPI app of ``llavamed serve``: OpenAI-compatible routes, auth, limits, logs, web page.
+
+Routes:
+
+- ``POST /v1/chat/completions``: chat with text and images; ``stream`` answers as SSE.
+- ``GET /v1/models``: the one model served.
+- ``GET /health``: 200 once the model is loaded, 503 (``{"status": "loading"}``) before.
+- ``GET /``: the web chat page (``static/index.html``), a client of the same API.
+
+A request is checked in this order, each step with its own status: auth (401), model loaded
+(503), body size (413), JSON (400), schema (422), model name (404), images (400), queue (429).
+Every error is OpenAI-style JSON (:mod:`.api_errors`); an unexpected exception becomes a 500
+with no details (the traceback goes to the server log). One log line per request.
+
+FastAPI, Starlette and httpx are imported at the top of this module: only the ``serve`` command
+imports it (inside its body), so ``llavamed --help`` stays fast.
+
+Use::
+
+    app = create_app(ServeConfig(model=Path("ckpt/tiny")))   # then run it with uvicorn
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import LlavamedError, ModelError
+from .api_errors import APIError, error_body
+from .config import ServeConfig
+from .native import ClientGone, NativeBackend, RequestContext
+from .protocol import load_images, parse_chat_request, parse_json_body, redact_body
+
+__all__ = ["create_app", "ServerState"]
+
+log = logging.getLogger("llavamed.serve")
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_QUIET_PATHS = ("/health", "/favicon.ico")
+
+
+class ServerState:
+    """Per-app state: the backend, the loading outcome, and how to stop the server.
+
+    Attributes:
+        backend: the native or vLLM backend.
+        error: the error that stopped loading, or ``None``.
+        loaded_at: seconds the load took, once loaded.
+        on_fatal: called (from the loading thread) when loading fails, to stop the server.
+    """
+
+    def __init__(self, config: ServeConfig, backend: Any):
+        self.config = config
+        self.backend = backend
+        self.error: LlavamedError | None = None
+        self.load_seconds: float | None = None
+        self.on_fatal: Callable[[], None] | None = None
+        self.started = time.time()
+        self.http: Any = None
+
+    def load(self) -> None:
+        """Load the backend (runs in a background thread); on failure record it and stop."""
+        t0 = time.monotonic()
+        try:
+            self.backend.start()
+        except LlavamedError as exc:
+            self.error = exc
+        except Exception as exc:  # an unexpected failure still stops the server with one line
+            log.debug("loading the model failed", exc_info=True)  # shown with LLAVAMED_DEBUG=1
+            self.error = ModelError(f"{self.config.model}: loading failed ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                                    "rerun with LLAVAMED_DEBUG=1 for the traceback")
+        if self.error is not None:
+            log.error("loading failed: %s", self.error.message)
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        self.load_seconds = time.monotonic() - t0
+        log.info("model %s loaded in %.1f s (%s engine); ready", self.config.model_name,
+                 self.load_seconds, self.backend.name)
+
+
+def _make_backend(config: ServeConfig, engine_loader: Callable[[], Any] | None) -> Any:
+    if config.engine == "vllm":
+        from .vllm import VllmBackend
+
+        return VllmBackend(config)
+    return NativeBackend(config, engine_loader)
+
+
+def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = None) -> Any:
+    """Build the FastAPI app for ``config``; the model loads in the background once it starts.
+
+    Args:
+        config: the server settings (validated here).
+        engine_loader: for the native engine, a function returning the engine (default:
+            ``Engine.load`` of ``config.model``).
+
+    Returns:
+        The ASGI app (``app.state.llavamed`` holds the :class:`ServerState`).
+    """
+    config.validate()
+    state = ServerState(config, _make_backend(config, engine_loader))
+
+    @asynccontextmanager
+    async def lifespan(_app: Any):
+        state.http = httpx.AsyncClient(timeout=httpx.Timeout(config.remote_images.timeout_s))
+        threading.Thread(target=state.load, name="llavamed-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.backend.close)
+            if hasattr(state.backend, "aclose"):
+                await state.backend.aclose()
+            await state.http.aclose()
+
+    app = FastAPI(title="llavamed", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.llavamed = state
+
+    def error_response(err: APIError, request_id: str | None = None) -> Any:
+        headers = dict(err.headers)
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Any:
+        rec = request.scope.get("llavamed.log")
+        if rec is not None:
+            rec["code"] = exc.code
+        return error_response(exc, rec.get("id") if rec else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Any:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> Any:
+        first = (exc.errors() or [{}])[0]
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return JSONResponse(error_body(f"{param}: {first.get('msg', 'invalid')}", "invalid_request_error",
+                                       param, "invalid_value"), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Any:
+        log.error("internal error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal server error; see the server log", "server_error",
+                                       None, "internal_error"), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        key = config.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            msg = "missing API key: send the header 'Authorization: Bearer <key>'"
+        elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            msg = "incorrect API key"
+        else:
+            return
+        raise APIError(401, msg, "authentication_error", None, "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+    def check_ready() -> None:
+        if not state.backend.ready:
+            what = "failed to load" if state.error else "is loading"
+            raise APIError(503, f"the model {what}; retry when GET /health answers 200",
+                           "server_error", None, "model_loading", headers={"Retry-After": "2"})
+
+    async def read_body(request: Request) -> bytes:
+        cap = config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = APIError(413, f"the request body is over this server's limit of {cap:,} bytes",
+                           "invalid_request_error", None, "request_too_large")
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.get("/health")
+    async def health() -> Any:
+        body: dict[str, Any] = {"model": config.model_name, "engine": config.engine}
+        if state.backend.ready:
+            body.update(status="ok", **state.backend.stats())
+            return JSONResponse(body)
+        if state.error is not None:
+            body.update(status="failed", error=state.error.message)
+        else:
+            body.update(status="loading")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Any:
+        check_auth(request)
+        card: dict[str, Any] = {"id": config.model_name, "object": "model",
+                                "created": int(state.started), "owned_by": "llavamed"}
+        if state.backend.context_length:
+            card["max_model_len"] = state.backend.context_length
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        rec = request.scope["llavamed.log"]
+        check_auth(request)
+        check_ready()
+        raw = await read_body(request)
+        body = parse_json_body(raw)
+        if config.log_requests:
+            log.info("%s body %s", rec["id"], json.dumps(redact_body(body), ensure_ascii=False)[:20000])
+        chat = parse_chat_request(body, config.limits)
+        rec["stream"] = chat.stream
+        if chat.model is not None and chat.model not in (config.model_name, str(config.model)):
+            raise APIError(404, f"the model '{chat.model}' does not exist; this server serves "
+                                f"'{config.model_name}'", "invalid_request_error", "model",
+                           "model_not_found")
+        await load_images(chat, config.limits, config.remote_images, state.http)
+        rec["images"] = len(chat.images)
+
+        async def wait_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                continue
+
+        ctx = RequestContext(rec["id"], config.model_name, rec, wait_disconnect)
+        headers = {"X-Request-Id": rec["id"]}
+        if chat.stream:
+            events = await state.backend.stream(chat, ctx, body)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={**_SSE_HEADERS, **headers})
+        try:
+            result = await state.backend.complete(chat, ctx, body)
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return JSONResponse(result, headers=headers)
+
+    @app.get("/")
+    async def index() -> Any:
+        page = resources.files("llavamed_core.serve").joinpath("static/index.html").read_text("utf-8")
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Any:
+        return Response(status_code=204)
+
+    app.add_middleware(_RequestLog)
+    return app
+
+
+class _RequestLog:
+    """ASGI middleware: a request id, and one log line per request when its response ends.
+
+    The line carries the id, method, path, status, tokens, batch size, queue wait and latency;
+    streamed responses are logged when the stream ends, so latency covers the whole answer.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rec: dict[str, Any] = {"id": "chatcmpl-" + uuid.uuid4().hex[:24]}
+        scope["llavamed.log"] = rec
+        t0 = time.monotonic()
+        status = {"code": 0}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            status["code"] = status["code"] or 500
+            raise
+        finally:
+            path = scope.get("path", "")
+            if path not in _QUIET_PATHS:
+                latency = (time.monotonic() - t0) * 1000
+                fields = " ".join(f"{k}={_fmt(v)}" for k, v in rec.items()
+                                  if k != "id" and v is not None)
+                log.info("%s %s %s %s %s latency_ms=%.0f", rec["id"], scope.get("method"), path,
+                         status["code"] or "-", fields, latency)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.0f}"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)

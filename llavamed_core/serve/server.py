@@ -1,0 +1,137 @@
+"""Run the app under uvicorn: bind first (clear error if the port is taken), then serve until stopped.
+
+The socket is bound before uvicorn starts so that a busy port is one clear error rather than a
+uvicorn log line and ``sys.exit``, and so ``port=0`` picks a free port whose URL is known before
+serving (:attr:`Server.url`, and the first log line, which tests and benchmarks read). The model loads in the
+background after the server starts; if loading fails the server stops and the error is raised.
+
+Use::
+
+    run_server(ServeConfig(model=Path("ckpt/tiny"), port=8000))   # blocks until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ModelError, NetworkError
+from .app import create_app
+from .config import ServeConfig
+
+__all__ = ["Server", "run_server", "bind_socket"]
+
+log = logging.getLogger("llavamed.serve")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6).
+
+    Raises:
+        NetworkError: the address is taken, not allowed or not on this machine.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise NetworkError(f"--host {host}: cannot resolve it ({exc.strerror})",
+                           "use an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, _type, _proto, _name, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise NetworkError(f"{host}:{port} is already in use",
+                               "stop the other server or choose another --port") from None
+        if exc.errno == errno.EACCES:
+            raise NetworkError(f"{host}:{port}: permission denied",
+                               "ports below 1024 need privileges; choose --port 8000 or higher") from None
+        raise NetworkError(f"cannot listen on {host}:{port} ({exc.strerror})",
+                           "check --host and --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Server:
+    """A bound, ready-to-run server: the socket is open (``url`` known) before :meth:`run`.
+
+    Args:
+        config: the server settings.
+        engine_loader: builds the native engine (default: ``Engine.load``); tests pass one that
+            returns an already loaded engine so several servers share it.
+        log_level: uvicorn's own log level (our request log is the ``llavamed.serve`` logger).
+
+    Raises:
+        ConfigError: bad settings.
+        ModelError: no checkpoint at ``config.model``.
+        NetworkError: the address cannot be bound.
+    """
+
+    def __init__(self, config: ServeConfig, engine_loader: Callable[[], Any] | None = None,
+                 log_level: str = "warning"):
+        import uvicorn
+
+        config.validate()
+        model = Path(config.model)
+        if not model.is_dir():
+            raise ModelError(f"--model {model}: no such checkpoint directory",
+                             "make one with `llavamed weights init --preset tiny --out ckpt/tiny`")
+        if not (model / "config.json").is_file():
+            raise ModelError(f"--model {model}: not a checkpoint (no config.json)",
+                             "point --model at a checkpoint directory written by llavamed or transformers")
+        self.config = config
+        self.app = create_app(config, engine_loader=engine_loader)
+        self.state = self.app.state.llavamed
+        self._sock = bind_socket(config.host, config.port)
+        host, port = self._sock.getsockname()[:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        """The base URL, e.g. ``http://127.0.0.1:8000``."""
+        self._uv = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, access_log=False,
+                                                 log_config=None, timeout_graceful_shutdown=10,
+                                                 lifespan="on"))
+        self.state.on_fatal = self.stop
+
+    def stop(self) -> None:
+        """Ask the server to shut down (any thread); :meth:`run` then returns."""
+        self._uv.should_exit = True
+
+    def run(self) -> None:
+        """Serve until stopped (Ctrl-C, SIGTERM, :meth:`stop`, or a failed model load).
+
+        Raises:
+            ModelError: loading the model failed.
+        """
+        log.info("serving %s (%s engine) on %s; web chat at %s/ ; loading the model...",
+                 self.config.model_name, self.config.engine, self.url, self.url)
+        try:
+            self._uv.run(sockets=[self._sock])
+        finally:
+            self._sock.close()
+        if self.state.error is not None:
+            raise self.state.error
+        if not self._uv.started:
+            raise ConfigError("the server could not start (see the log above)")
+
+
+def run_server(config: ServeConfig, engine_loader: Callable[[], Any] | None = None,
+               log_level: str = "warning") -> None:
+    """Serve ``config`` until interrupted (Ctrl-C / SIGTERM stop it gracefully).
+
+    Args:
+        config: the server settings.
+        engine_loader: builds the native engine (default: ``Engine.load``).
+        log_level: uvicorn's own log level.
+
+    Raises:
+        ConfigError: bad settings.
+        ModelError: no checkpoint at ``config.model``, or loading it failed.
+        NetworkError: the address cannot be bound.
+    """
+    Server(config, engine_loader=engine_loader, log_level=log_level).run()

@@ -1,0 +1,110 @@
+"""LoRA and QLoRA with PEFT: which modules get adapters, and merging them back into a checkpoint.
+
+Adapters go on the language model's attention and MLP projections; the projector is trained fully
+(``modules_to_save``), as LLaVA's LoRA recipe does. The vision tower stays frozen. At the end the
+adapters are merged into a standalone checkpoint, unless the user asks for the adapter alone.
+QLoRA loads the language model in 4-bit NF4 (bitsandbytes, CUDA only); its merge re-loads the
+base weights unquantised so the merged checkpoint is a normal one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DependencyError, TrainingError
+
+__all__ = ["LORA_TARGETS", "lora_config", "wrap_lora", "quantization_config", "merge_lora",
+           "adapter_state"]
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+"""Regular expression (PEFT matches it against full module names) for the LM's projections."""
+
+
+def lora_config(r: int, alpha: int, dropout: float) -> Any:
+    """The PEFT ``LoraConfig`` for a Llava model."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
+                      modules_to_save=["multi_modal_projector"], bias="none", task_type="CAUSAL_LM")
+
+
+def wrap_lora(model: Any, config: Any, linear_projector: bool) -> Any:
+    """Wrap ``model`` with LoRA adapters; the projector's trained copy keeps an identity ``linear_2``.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` (frozen or not; PEFT freezes the base).
+        config: from :func:`lora_config`.
+        linear_projector: the projector is the v1 single linear layer (``linear_2`` frozen).
+
+    Returns:
+        The ``PeftModel``.
+    """
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    if linear_projector:
+        for name, param in peft_model.named_parameters():
+            if "multi_modal_projector" in name and ".linear_2." in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+def quantization_config(device: str) -> Any:
+    """The 4-bit NF4 ``BitsAndBytesConfig`` of QLoRA (language model only).
+
+    Raises:
+        ConfigError: not on CUDA.
+        DependencyError: bitsandbytes is not installed.
+    """
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise ConfigError("--qlora needs a CUDA GPU (4-bit kernels of bitsandbytes)",
+                          "use --lora on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DependencyError("--qlora needs the bitsandbytes package", "pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16,
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+
+
+def adapter_state(peft_model: Any, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trained part of a PEFT model (LoRA weights and the projector), on CPU."""
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(peft_model, state_dict=state)
+    return {k: v.detach().cpu() for k, v in sd.items()}
+
+
+def merge_lora(base_dir: str | os.PathLike, config: Any, adapter: dict[str, Any], dtype: Any,
+               linear_projector: bool) -> Any:
+    """A plain ``LlavaForConditionalGeneration`` with the adapters merged in, on CPU.
+
+    The base weights are loaded again from ``base_dir`` (unquantised, in ``dtype``), the adapter
+    state is applied, and PEFT merges it. This one path serves LoRA, QLoRA and sharded runs
+    (ZeRO-3/FSDP), where the live model is not a plain module on one process.
+
+    Args:
+        base_dir: the input checkpoint of the run.
+        config: the run's ``LoraConfig``.
+        adapter: from :func:`adapter_state`.
+        dtype: torch dtype of the merged weights.
+        linear_projector: keep ``linear_2`` frozen (irrelevant to merging; kept for symmetry).
+    """
+    from peft import set_peft_model_state_dict
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(Path(base_dir), dtype=dtype)
+    peft_model = wrap_lora(base, config, linear_projector)
+    result = set_peft_model_state_dict(peft_model, adapter)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise TrainingError(f"the trained adapter does not fit the base model ({unexpected[0]} …)",
+                              "this is a bug; rerun with LLAVAMED_DEBUG=1 and report it")
+    return peft_model.merge_and_unload()

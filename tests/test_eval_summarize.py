@@ -1,0 +1,131 @@
+"""``llavamed eval summarize`` on review files whose figures were computed by hand.
+
+The relative score is the mean of per-question (model ÷ reference) × 100, which here differs
+from the ratio of the means (e.g. overall 106.25 vs 80.0).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REAL_QA50
+
+
+def dom(*true):
+    return {d: d in true for d in ("chest_xray", "mri", "histology", "gross", "ct_scan")}
+
+
+# question_id, type, domain, ref, model
+REVIEWS_A = [
+    (1, "conversation", dom("chest_xray"), 10, 5),          # ratio 0.5
+    (2, "conversation", dom("mri", "ct_scan"), 2, 4),       # ratio 2.0, bucket MRI (first true)
+    (3, "detailed_description", dom("chest_xray"), 8, 6),   # ratio 0.75
+    (4, "detailed_description", dom("gross", "histology"), 5, 5),  # ratio 1.0, bucket histology
+    (5, "conversation", dom("ct_scan"), None, None),        # unscored
+]
+# By hand:
+#   overall: ref (10+2+8+5)/4 = 6.25, model (5+4+6+5)/4 = 5.0, relative (0.5+2+0.75+1)/4*100 = 106.25
+#            (ratio of means would be 5.0/6.25*100 = 80.0)
+#   conversation: ref 6.0, model 4.5, relative 125.0 (ratio of means 75.0); 1 unscored
+#   description: ref 6.5, model 5.5, relative 87.5
+#   CXR: ref 9.0, model 5.5, relative 62.5; MRI: 200.0; histology: 100.0; gross: none; CT: none (1 unscored)
+EXPECTED_A = {
+    "conversation": (2, 1, 6.0, 4.5, 125.0),
+    "detailed_description": (2, 0, 6.5, 5.5, 87.5),
+    "chest_xray": (2, 0, 9.0, 5.5, 62.5),
+    "mri": (1, 0, 2.0, 4.0, 200.0),
+    "histology": (1, 0, 5.0, 5.0, 100.0),
+    "gross": (0, 0, None, None, None),
+    "ct_scan": (0, 1, None, None, None),
+    "overall": (4, 1, 6.25, 5.0, 106.25),
+}
+
+
+def write_reviews(path: Path, rows) -> Path:
+    with open(path, "w") as fh:
+        for qid, qtype, domain, ref, model in rows:
+            fh.write(json.dumps({"question_id": qid, "type": qtype, "domain": domain, "ref_score": ref,
+                                 "model_score": model, "scored": ref is not None,
+                                 "review": "x"}) + "\n")
+    return path
+
+
+def test_hand_computed_relative_scores(cli, tmp_path):
+    a = write_reviews(tmp_path / "model_a.jsonl", REVIEWS_A)
+    res = cli("eval", "summarize", a, "--format", "json")
+    assert res.exit_code == 0, res
+    (s,) = json.loads(res.stdout)
+    assert (s["reviews"], s["scored"], s["unscored"], s["label"]) == (5, 4, 1, "model_a")
+    for name, (n, uns, ref, model, rel) in EXPECTED_A.items():
+        b = s["buckets"][name]
+        assert (b["n"], b["unscored"]) == (n, uns), name
+        for key, want in (("mean_ref", ref), ("mean_model", model), ("relative", rel)):
+            assert b[key] == (None if want is None else pytest.approx(want)), (name, key)
+    overall = s["buckets"]["overall"]
+    assert overall["mean_model"] / overall["mean_ref"] * 100 == pytest.approx(80.0)  # not what we report
+    assert "1 unscored review(s) left out" in res.stderr
+
+
+def test_several_files_side_by_side(cli, tmp_path):
+    a = write_reviews(tmp_path / "model_a.jsonl", REVIEWS_A)
+    b = write_reviews(tmp_path / "model_b.jsonl", [(1, "conversation", dom("chest_xray"), 8, 8),
+                                                   (3, "detailed_description", dom("chest_xray"), 4, 2)])
+    md = cli("eval", "summarize", a, b, "--format", "markdown")
+    assert md.exit_code == 0, md
+    lines = md.stdout.strip().splitlines()
+    assert lines[0] == ("| bucket | model_a n | model_a ref | model_a model | model_a relative "
+                        "| model_b n | model_b ref | model_b model | model_b relative |")
+    assert lines[2] == "| Conversation | 2 | 6.00 | 4.50 | 125.00 | 1 | 8.00 | 8.00 | 100.00 |"
+    assert "| CXR | 2 | 9.00 | 5.50 | 62.50 | 2 | 6.00 | 5.00 | 75.00 |" in lines
+    assert "| Gross | 0 | - | - | - | 0 | - | - | - |" in lines
+    assert lines[-1] == "| Overall | 4 | 6.25 | 5.00 | 106.25 | 2 | 6.00 | 5.00 | 75.00 |"
+
+    res = cli("eval", "summarize", a, b, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert len(rows) == 2 * 8
+    row = next(r for r in rows if r["label"] == "model_b" and r["bucket"] == "overall")
+    assert (row["group"], row["n"], row["relative"]) == ("overall", "2", "75.0")
+    assert next(r for r in rows if r["label"] == "model_a" and r["bucket"] == "gross")["relative"] == ""
+
+    table = cli("eval", "summarize", a, b)
+    assert table.exit_code == 0 and "Overall" in table.stdout and "model_b" in table.stdout
+
+
+def test_questions_fill_type_and_domain_and_count_missing(cli, tmp_path):
+    qs = [json.loads(line) for line in REAL_QA50.read_text().splitlines()]
+    # Reviews of the original tools: scores in "tuple", no type/domain; [-1, -1] means unscored.
+    path = tmp_path / "orig.jsonl"
+    with open(path, "w") as fh:
+        for q in qs[:20]:
+            fh.write(json.dumps({"question_id": q["question_id"], "tuple": [8, 4]}) + "\n")
+        fh.write(json.dumps({"question_id": qs[20]["question_id"], "tuple": [-1, -1]}) + "\n")
+    res = cli("eval", "summarize", path)
+    assert res.exit_code == 1 and "field 'type': missing" in res.stderr and "--questions" in res.stderr
+    res = cli("eval", "summarize", path, "--questions", REAL_QA50, "--format", "json")
+    assert res.exit_code == 0, res
+    (s,) = json.loads(res.stdout)
+    assert s["missing"] == 193 - 21 and s["unscored"] == 1
+    assert s["buckets"]["overall"]["relative"] == pytest.approx(50.0)
+    by_type = sum(s["buckets"][t]["n"] for t in ("conversation", "detailed_description"))
+    by_domain = sum(s["buckets"][d]["n"] for d in ("chest_xray", "mri", "histology", "gross", "ct_scan"))
+    assert by_type == by_domain == 20
+    assert "172 question(s)" in res.stderr
+
+
+def test_bad_review_files(cli, tmp_path):
+    dup = write_reviews(tmp_path / "dup.jsonl", REVIEWS_A[:2] + REVIEWS_A[:1])
+    res = cli("eval", "summarize", dup)
+    assert res.exit_code == 1 and f"{dup}, record 1, field 'question_id': duplicate review" in res.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    res = cli("eval", "summarize", empty)
+    assert res.exit_code == 1 and "no reviews" in res.stderr
+    res = cli("eval", "summarize", tmp_path / "nope.jsonl")
+    assert res.exit_code == 1 and "file not found" in res.stderr
+    ok = write_reviews(tmp_path / "ok.jsonl", REVIEWS_A)
+    res = cli("eval", "summarize", ok, "--format", "xml")
+    assert res.exit_code == 1 and "unknown --format 'xml'" in res.stderr

@@ -1,0 +1,44 @@
+"""``llavamed serve`` command-line failures: each one line with a hint and exit 1, never a hang."""
+
+from __future__ import annotations
+
+import socket
+
+from serve_helpers import start_cli_server
+
+
+def test_missing_checkpoint(cli, tmp_path):
+    res = cli("serve", "--model", tmp_path / "nope")
+    assert res.exit_code == 1 and res.stdout == ""
+    assert "Error: --model" in res.stderr and "no such checkpoint directory" in res.stderr
+    assert "Hint: make one with `llavamed weights init" in res.stderr
+
+
+def test_port_in_use(cli, tiny_ckpt):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        res = cli("serve", "--model", tiny_ckpt, "--port", port)
+    assert res.exit_code == 1
+    assert f"Error: 127.0.0.1:{port} is already in use" in res.stderr and "--port" in res.stderr
+
+
+def test_bad_settings(cli, tiny_ckpt):
+    res = cli("serve", "--model", tiny_ckpt, "--allow-remote-images")
+    assert res.exit_code == 1 and "needs --allowed-domains" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--max-batch", "0")
+    assert res.exit_code == 1 and "--max-batch must be at least 1" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--engine", "tgi")
+    assert res.exit_code == 1 and "unknown engine 'tgi'" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--api-key", "  ")
+    assert res.exit_code == 1 and "the API key is empty" in res.stderr
+
+
+def test_a_checkpoint_that_fails_to_load_stops_the_server(tiny_ckpt_copy, tmp_path):
+    (tiny_ckpt_copy / "model.safetensors").write_bytes(b"\0" * 64)
+    srv = start_cli_server(["--model", str(tiny_ckpt_copy)], tmp_path / "log.txt", wait=False)
+    code = srv.proc.wait(timeout=120)
+    log = srv.log()
+    assert code == 1
+    assert "Error:" in log and "Traceback" not in log

@@ -1,0 +1,147 @@
+"""The batching scheduler on the real tiny engine: batches fill up to ``max_batch``, results equal
+one-at-a-time generation, the queue is bounded, cancelled jobs are dropped, and failures reach
+exactly the requests they concern."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from serve_helpers import random_image, tiny_engine  # noqa: F401  (tiny_engine is a fixture)
+
+
+def _request(i: int, max_new_tokens: int = 5):
+    from llavamed_core.infer import ChatRequest, GenerationParams
+
+    msgs = [{"role": "user", "content": [{"type": "image", "image": random_image(i)},
+                                         {"type": "text", "text": f"Finding {i}?"}]}]
+    return ChatRequest(msgs, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0))
+
+
+class _Collector:
+    """A job sink that records what the worker delivers and signals the outcome."""
+
+    def __init__(self):
+        self.deltas: list[str] = []
+        self.outcome = None
+        self.kind = None
+        self.done = threading.Event()
+
+    def __call__(self, kind, payload):
+        if kind == "delta":
+            self.deltas.append(payload)
+            return
+        self.kind, self.outcome = kind, payload
+        self.done.set()
+
+
+def test_requests_queued_together_share_batches_and_match_single_runs(tiny_engine):
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    requests = [_request(i) for i in range(5)]
+    alone = [tiny_engine.generate([r])[0] for r in requests]
+    sched = BatchScheduler(tiny_engine, max_batch=4, max_wait_ms=500, max_queue=10)
+    try:
+        sinks = [_Collector() for _ in requests]
+        jobs = [sched.submit(r, s, stream=(i == 0)) for i, (r, s) in enumerate(zip(requests, sinks))]
+        for s in sinks:
+            assert s.done.wait(60)
+        assert [s.kind for s in sinks] == ["done"] * 5
+        assert [s.outcome.text for s in sinks] == [a.text for a in alone]
+        assert [j.batch_size for j in jobs] == [4, 4, 4, 4, 1]
+        assert sched.stats.batches == 2 and sched.stats.max_batch_seen == 4
+        # Only the streaming job got deltas, and they add up to its answer.
+        assert "".join(sinks[0].deltas).strip() == sinks[0].outcome.text
+        assert all(not s.deltas for s in sinks[1:])
+    finally:
+        sched.close()
+
+
+class _Held:
+    """The real engine, held at a gate until the test releases it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def generate(self, requests, **kw):
+        self.entered.set()
+        self.gate.wait(60)
+        return self.engine.generate(requests, **kw)
+
+
+def test_queue_is_bounded_and_cancelled_jobs_are_dropped(tiny_engine):
+    from llavamed_core.serve.scheduler import BatchScheduler, QueueFull
+
+    held = _Held(tiny_engine)
+    sched = BatchScheduler(held, max_batch=1, max_wait_ms=0, max_queue=2)
+    try:
+        running = _Collector()
+        sched.submit(_request(0), running)
+        assert held.entered.wait(30)
+        dropped, kept = _Collector(), _Collector()
+        job = sched.submit(_request(1), dropped)
+        sched.submit(_request(2), kept)
+        with pytest.raises(QueueFull):
+            sched.submit(_request(3), _Collector())
+        job.cancel()  # its client went away while it waited
+        held.gate.set()
+        assert running.done.wait(60) and kept.done.wait(60)
+        assert running.kind == kept.kind == "done"
+        assert not dropped.done.is_set() and sched.stats.cancelled == 1 and sched.stats.requests == 2
+    finally:
+        sched.close()
+
+
+def test_a_failing_batch_fails_its_requests_and_the_check_fails_only_one(tiny_engine):
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    def check(request):
+        if request.messages[0]["content"][1]["text"] == "Finding 1?":
+            raise ValueError("prompt too long")
+
+    sched = BatchScheduler(tiny_engine, max_batch=4, max_wait_ms=300, check=check)
+    try:
+        sinks = [_Collector() for _ in range(3)]
+        for i, s in enumerate(sinks):
+            sched.submit(_request(i), s)
+        for s in sinks:
+            assert s.done.wait(60)
+        assert [s.kind for s in sinks] == ["done", "error", "done"]
+        assert str(sinks[1].outcome) == "prompt too long"
+        # The engine rejects a whole batch (max_new_tokens=0): every request in it gets the error.
+        bad = [_Collector(), _Collector()]
+        sched.submit(_request(5, max_new_tokens=0), bad[0])
+        sched.submit(_request(6), bad[1])
+        for s in bad:
+            assert s.done.wait(60)
+        assert [s.kind for s in bad] == ["error", "error"]
+        assert isinstance(bad[0].outcome, ConfigError)
+        # ... and the worker carries on.
+        after = _Collector()
+        sched.submit(_request(7), after)
+        assert after.done.wait(60) and after.kind == "done"
+    finally:
+        sched.close()
+
+
+def test_close_answers_queued_requests_and_refuses_new_ones(tiny_engine):
+    from llavamed_core.serve.scheduler import BatchScheduler, SchedulerClosed
+
+    held = _Held(tiny_engine)
+    sched = BatchScheduler(held, max_batch=1, max_wait_ms=0)
+    first, queued = _Collector(), _Collector()
+    sched.submit(_request(0), first)
+    assert held.entered.wait(30)
+    sched.submit(_request(1), queued)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    assert queued.done.wait(30) and isinstance(queued.outcome, SchedulerClosed)
+    held.gate.set()
+    closer.join(60)
+    assert first.done.is_set() and first.kind == "done"
+    with pytest.raises(SchedulerClosed):
+        sched.submit(_request(2), _Collector())
