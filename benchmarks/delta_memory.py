@@ -179,19 +179,27 @@ def main() -> None:
     ap.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build the models (default: a temp dir)")
     ap.add_argument("--baseline-worker", nargs=3, type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--build-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_worker:
         baseline_worker(*args.baseline_worker)
         return
+    if args.build_worker:
+        base_bytes = write_model(args.build_worker / "base", model_shapes(args.size_gb, False), 0.02, 0, args.format)
+        delta_bytes = write_model(args.build_worker / "delta", model_shapes(args.size_gb, True), 0.002, 1, args.format)
+        shards = len(list((args.build_worker / "base").glob("*.bin" if args.format == "bin" else "*.safetensors")))
+        print(f"built base {base_bytes / 1e9:.2f} GB ({shards} shards) and delta {delta_bytes / 1e9:.2f} GB, "
+              f"{args.format}", flush=True)
+        return
 
+    # The parent stays small (no torch imported before the measured runs): a forked child's
+    # ru_maxrss starts from its parent's high-water mark.
     tmp = Path(tempfile.mkdtemp(prefix="delta-memory-", dir=args.workdir))
     try:
         t0 = time.monotonic()
-        base_bytes = write_model(tmp / "base", model_shapes(args.size_gb, False), 0.02, 0, args.format)
-        delta_bytes = write_model(tmp / "delta", model_shapes(args.size_gb, True), 0.002, 1, args.format)
-        print(f"built base {base_bytes / 1e9:.2f} GB and delta {delta_bytes / 1e9:.2f} GB "
-              f"({args.format}, {len(list((tmp / 'base').glob('*.' + ('bin' if args.format == 'bin' else 'safetensors'))))} "
-              f"base shards) in {time.monotonic() - t0:.0f} s", flush=True)
+        subprocess.run([sys.executable, __file__, "--build-worker", str(tmp), "--size-gb", str(args.size_gb),
+                        "--format", args.format], check=True)
+        print(f"(built in {time.monotonic() - t0:.0f} s)", flush=True)
         ours_peak, ours_s, rc1 = run_measured([sys.executable, "-m", "llavamed_cli.main", "weights", "apply-delta",
                                                "--base", str(tmp / "base"), "--delta", str(tmp / "delta"),
                                                "--out", str(tmp / "ours")])

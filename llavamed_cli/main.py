@@ -14,6 +14,7 @@ from llavamed_core import __version__
 
 from ._errors import LlavamedGroup
 from .chat import chat_command
+from .demo import demo_command
 from .data import app as data_app
 from .eval import app as eval_app
 from .train import app as train_app
@@ -54,6 +55,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
 app.add_typer(instruct_app, name="instruct")
 app.command("chat")(chat_command)
+app.command("demo")(demo_command)
 app.command("serve")(serve_command)
 
 

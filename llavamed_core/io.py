@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -98,6 +99,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise DataError(f"{path}: output directory exists and is not empty",
                         "choose another --out, or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed earlier left its half-built directory under a hidden name: remove it.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp

@@ -51,13 +51,38 @@ def base_tokenizer():
                                    model_max_length=2048)
 
 
-def v1_tokenizer():
-    """The v1 tokenizer: LLaMA's + ``[PAD]`` + ``<im_patch>`` + ``<im_start>``/``<im_end>``, in that order."""
-    tok = base_tokenizer()
-    tok.add_special_tokens({"pad_token": "[PAD]"})  # LLaVA train.py: smart_tokenizer_and_embedding_resize
-    tok.add_tokens(["<im_patch>"], special_tokens=True)  # initialize_vision_tokenizer
-    tok.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)
-    return tok
+LLAMA_VOCAB = 400  # the tiny "LLaMA" sentencepiece vocabulary; v1 adds 4 tokens after it
+
+
+def write_llama_tokenizer(path: Path, added: dict[str, int] | None = None) -> Path:
+    """A LLaMA tokenizer as 2023 checkpoints stored it: ``tokenizer.model`` (sentencepiece, byte
+    fallback, ``<unk>`` 0 / ``<s>`` 1 / ``</s>`` 2), ``tokenizer_config.json`` (LlamaTokenizer, BOS
+    added), ``special_tokens_map.json`` and ``added_tokens.json``."""
+    import io
+
+    import sentencepiece as spm
+
+    path.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS.split(". ") * 20), model_writer=model,
+                                   vocab_size=LLAMA_VOCAB, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if added and "[PAD]" in added:
+        special["pad_token"] = "[PAD]"
+    (path / "special_tokens_map.json").write_text(json.dumps(special))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+         "model_max_length": 2048, "legacy": True, **{k: v for k, v in special.items() if k != "pad_token"}}))
+    if added:
+        (path / "added_tokens.json").write_text(json.dumps(added))
+    return path
+
+
+V1_ADDED = {"[PAD]": LLAMA_VOCAB, "<im_patch>": LLAMA_VOCAB + 1, "<im_start>": LLAMA_VOCAB + 2,
+            "<im_end>": LLAMA_VOCAB + 3}
+"""LLaVA's additions, in its order: [PAD] (train.py), <im_patch>, <im_start>, <im_end>."""
 
 
 def clip_vision_config(hidden: int, heads: int, layers: int = 3, image_size: int = 32, patch: int = 8):
@@ -112,10 +137,11 @@ def write_original_v1(path: Path, seed: int = 0, dtype=torch.float32, fmt: str =
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
-    tok = v1_tokenizer()
+    write_llama_tokenizer(path, V1_ADDED)
+    vocab = LLAMA_VOCAB + len(V1_ADDED)
     torch.manual_seed(seed)
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=len(tok), rms_norm_eps=1e-6, max_position_embeddings=2048,
+                       num_key_value_heads=4, vocab_size=vocab, rms_norm_eps=1e-6, max_position_embeddings=2048,
                        tie_word_embeddings=False)
     lm = LlamaForCausalLM(text)
     state = {k: v.to(dtype) for k, v in lm.state_dict().items()}
@@ -133,9 +159,8 @@ def write_original_v1(path: Path, seed: int = 0, dtype=torch.float32, fmt: str =
         "model_type": "llava", "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": -1,
         "rms_norm_eps": 1e-6, "sep_image_conv_front": False, "tie_word_embeddings": False,
         "torch_dtype": str(dtype).removeprefix("torch."), "transformers_version": "4.28.0.dev0",
-        "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True, "vocab_size": len(tok)}
+        "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True, "vocab_size": vocab}
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    tok.save_pretrained(path)
     return path
 
 
@@ -226,7 +251,8 @@ def reference_logits(ckpt: Path, image: Image.Image, prompt: str, clip_dir: Path
         ckpt: an original v1 or v1.5 checkpoint directory.
         image: the image.
         prompt: the prompt text with ``<image>`` where the image goes (v1: the original
-            ``<im_start><im_patch>×N<im_end>`` block is put there, as its preprocessing did).
+            ``<im_start><im_patch>×N<im_end>`` block is put there, as its preprocessing did, and the
+            tokenizer adds BOS, as ``tokenizer([prompt])`` did; v1.5: the text holds ``<s>``).
         clip_dir: the v1 vision tower (``CLIPVisionModel.from_pretrained``, as the original did).
         vision_config: the v1.5 tower's ``CLIPVisionConfig`` (its weights are in the checkpoint).
 
@@ -275,7 +301,7 @@ def reference_logits(ckpt: Path, image: Image.Image, prompt: str, clip_dir: Path
         features = proj(hidden[:, 1:])[0]  # drop CLS
         if cfg["model_type"] == "llava":
             block = "<im_start>" + "<im_patch>" * n_patches + "<im_end>"
-            ids = tok(prompt.replace("<image>", block), add_special_tokens=False)["input_ids"]
+            ids = tok(prompt.replace("<image>", block))["input_ids"]  # the LLaMA tokenizer adds BOS
             ids_t = torch.tensor(ids)
             embeds = lm.model.embed_tokens(ids_t)
             start_id, end_id = tok.convert_tokens_to_ids(["<im_start>", "<im_end>"])

@@ -116,3 +116,12 @@ def test_iter_records_reads_both_layouts(tmp_path):
     b = tmp_path / "b.jsonl"
     b.write_text('{"id": 1}\n{"id": 2}\n')
     assert list(iter_records(a)) == list(iter_records(b)) == [{"id": 1}, {"id": 2}]
+
+
+def test_atomic_dir_removes_what_a_killed_run_left(tmp_path):
+    stale = tmp_path / ".ck.abc123.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    with atomic_dir(tmp_path / "ck") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -56,7 +56,7 @@ def test_templates_render_like_the_originals():
     assert v15 == "<s>[INST] <image>\nIs there a mass? [/INST] Yes.</s>[INST] Where? [/INST]"
     v1 = render_messages(TEMPLATES["v1"], msgs, True)
     assert v1.endswith("###Human: <image>\nIs there a mass?###Assistant: Yes.###Human: Where?###Assistant:")
-    assert v1.startswith("You are LLaVA-Med")
+    assert v1.startswith("<s>You are LLaVA-Med")
 
 
 def test_v1_preset_has_exact_single_linear_projector_and_stop_string(tmp_path):

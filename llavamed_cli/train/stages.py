@@ -16,6 +16,8 @@ Examples::
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -93,6 +95,7 @@ def _build_config(stage: str, typed: dict[str, Any]) -> Any:
 
 def _run(ctx: typer.Context, stage: str) -> None:
     from llavamed_core.errors import ConfigError, LlavamedError
+    from llavamed_core.train.config import plan_batch
     from llavamed_core.train.parallel import LAUNCHED_ENV, LaunchSpec, launch
 
     typed = _typed_params(ctx)
@@ -101,7 +104,10 @@ def _run(ctx: typer.Context, stage: str) -> None:
         raise ConfigError("--gpus and --nproc both given", "--gpus N for GPUs, --nproc N for CPU processes")
     nproc = params.get("gpus") or params.get("nproc") or 1
     if os.environ.get("LLAVAMED_DEBUG", "") in ("", "0", "false"):
+        # Library chatter (deprecations inside torch/DeepSpeed, Trainer notes) is not the user's.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+        warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     cfg = _build_config(stage, typed)  # check the options before launching anything
     cfg.check()
@@ -114,18 +120,25 @@ def _run(ctx: typer.Context, stage: str) -> None:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if (nproc > 1 or params.get("nnodes", 1) > 1) and not os.environ.get(LAUNCHED_ENV):
+        plan_batch(cfg.resolved_global_batch(), nproc * params["nnodes"], cfg.per_device_batch,
+                   cfg.preset.per_device_batch)  # fails here, once, rather than in every process
         spec = LaunchSpec(nproc, params["nnodes"], params["node_rank"], params["master_addr"], params["master_port"])
         _console.info(f"launching {nproc} process(es) per node × {params['nnodes']} node(s) under torchrun")
         code = launch(spec, ["train", stage, *_command_line(ctx)], device="cuda" if params.get("gpus") else "cpu")
         raise typer.Exit(code)
 
+    from transformers.utils import logging as hf_logging
+
     from llavamed_core.train import train
 
+    hf_logging.disable_progress_bar()  # our progress is the one that counts
     try:
         with _console.progress() as progress:
             result = train(cfg, progress=progress)
     except LlavamedError as exc:
-        if not _console.is_rank_zero():  # rank 0 reports; the others only exit
+        if not _console.is_rank_zero():
+            # Rank 0 reports (every rank meets the same data errors); give it time to, then exit.
+            time.sleep(3)
             raise typer.Exit(exc.exit_code) from None
         raise
     if not _console.is_rank_zero():

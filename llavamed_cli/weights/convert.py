@@ -38,8 +38,9 @@ def convert_command(
     if json_out:
         _console.print_json(asdict(result))
         return
-    _console.print_table("weights convert", ["layout found", "out", "text model", "projector", "image tokens",
-                                             "tensors", "shards", "seconds"],
-                         [[result.layout, result.out, result.text_model_type, result.projector,
-                           result.image_tokens, result.tensors, result.shards, round(result.seconds, 2)]])
-    _console.print_table(result.description, ["what was done"], [[a] for a in result.actions])
+    _console.print_table("weights convert", ["field", "value"],
+                         [["layout found", f"{result.layout}: {result.description}"], ["out", result.out],
+                          ["text model", result.text_model_type], ["projector", result.projector],
+                          ["image tokens", result.image_tokens], ["tensors", result.tensors],
+                          ["shards", result.shards], ["seconds", round(result.seconds, 2)]])
+    _console.print_table("what was done", ["step"], [[a] for a in result.actions])

@@ -32,14 +32,17 @@ def _render(result, json_out: bool) -> None:
             _console.info(note)
     if result.inexact_elements:
         _console.warn(f"{result.inexact_elements:,} elements in {len(result.inexact_tensors)} tensors "
-                      f"(e.g. {result.inexact_tensors[0]}) cannot be reached exactly by base + delta in "
-                      "their dtype; --dtype float32 makes an exact delta")
-    rows = [[result.out, result.tensors, result.combined, len(result.taken_as_stored),
-             ", ".join(f"{k} +{v}" for k, v in result.extra_rows.items()) or "-",
-             len(result.dropped), result.shards, result.bytes, round(result.seconds, 2)]]
-    _console.print_table(f"weights {result.mode}-delta",
-                         ["out", "tensors", "combined", "taken as stored", "extra rows", "dropped",
-                          "shards", "bytes", "seconds"], rows)
+                      f"(e.g. {result.inexact_tensors[0]}) cannot be reached exactly as base + delta in "
+                      "their dtype; apply-delta will give the nearest reachable values (see README)")
+    rows = [["out", result.out], ["tensors written", result.tensors],
+            ["combined with the base", result.combined],
+            ["taken as stored (no base)", ", ".join(result.taken_as_stored) or "-"],
+            ["extra rows taken as stored", ", ".join(f"{k} +{v}" for k, v in result.extra_rows.items()) or "-"],
+            ["base-only buffers dropped", len(result.dropped)], ["shards", result.shards],
+            ["bytes", result.bytes], ["seconds", round(result.seconds, 2)]]
+    if result.mode == "make":
+        rows.insert(5, ["elements not reachable exactly", result.inexact_elements])
+    _console.print_table(f"weights {result.mode}-delta", ["field", "value"], rows)
     if result.convert is not None:
         _console.print_table(f"converted: {result.convert.layout}", ["what was done"],
                              [[a] for a in result.convert.actions])

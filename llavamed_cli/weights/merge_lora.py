@@ -38,7 +38,8 @@ def merge_lora_command(
     if json_out:
         _console.print_json(asdict(result))
         return
-    _console.print_table("weights merge-lora", ["out", "base", "adapter keys", "merged", "replaced", "tensors",
-                                                "seconds"],
-                         [[result.out, result.base, result.key_format, result.merged, result.replaced,
-                           result.tensors, round(result.seconds, 2)]])
+    _console.print_table("weights merge-lora", ["field", "value"],
+                         [["out", result.out], ["base", result.base], ["adapter keys", result.key_format],
+                          ["weights merged (W + s·B·A)", result.merged],
+                          ["weights replaced (saved whole)", result.replaced], ["tensors", result.tensors],
+                          ["seconds", round(result.seconds, 2)]])

@@ -453,10 +453,16 @@ def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return {hub_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _chat_template(layout: OriginalLayout) -> str:
+def _chat_template(layout: OriginalLayout, tok: Any) -> str:
+    """The layout's template; with ``{{ bos_token }}`` first when the original tokenizer added BOS
+    (the LLaMA tokenizer of v1 did: ``tokenizer([prompt])``), since prompts are tokenised without
+    special tokens."""
     from .templates import TEMPLATES
 
     src = TEMPLATES[layout.template]
+    ids = tok("a")["input_ids"]
+    if "bos_token" not in src and tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]:
+        src = "{{ bos_token }}" + src
     if layout.im_start_end:
         image_part = "{{ '<image>\n' }}"
         if image_part not in src:
@@ -539,6 +545,9 @@ def convert_source(orig: dict[str, Any], tokenizer_dir: Path, source: Any, cfg: 
         raise ModelError(f"{where}: {layout.name} layout, but these keys cannot be placed: {shown}",
                          "this checkpoint is not one of the layouts convert knows; nothing was written")
 
+    embed_spec = specs.get("model.embed_tokens.weight")
+    if embed_spec is None:
+        raise ModelError(f"{where}: no model.embed_tokens.weight in the checkpoint", "the checkpoint is incomplete")
     vision_reader = None
     if inside is not None:
         vcfg = _vision_config_from_dir(vision) if vision else _vision_config_from_weights(specs, inside, where)
@@ -556,17 +565,19 @@ def convert_source(orig: dict[str, Any], tokenizer_dir: Path, source: Any, cfg: 
             # CLIPModel and transformers-4 CLIPVisionModel: vision_model.*; transformers 5: no prefix.
             part = name.removeprefix("vision_model.")
             if part.startswith(_CLIP_VISION_PARTS) and not name.endswith(_DROPPED_SUFFIXES):
-                mapped.append(_Mapped("vision_tower.vision_model." + part, vision_reader, name, spec))
+                # The original ran the tower in the language model's dtype (vision_tower.to(float16)).
+                cast = embed_spec.dtype if spec.dtype.is_floating_point else spec.dtype
+                mapped.append(_Mapped("vision_tower.vision_model." + part, vision_reader, name,
+                                      TensorSpec(name, spec.shape, cast)))
         vision_from = str(vision)
-        actions.append(f"vision tower: weights and config from {vision}")
+        actions.append(f"vision tower: weights and config from {vision}, in "
+                       f"{str(embed_spec.dtype).removeprefix('torch.')} like the language model")
     if vcfg.hidden_size != int(orig.get("mm_hidden_size", vcfg.hidden_size)):
         raise ModelError(f"{where}: mm_hidden_size {orig['mm_hidden_size']} but the CLIP tower has hidden size "
                          f"{vcfg.hidden_size}", "pass the CLIP model this checkpoint was trained with")
 
     by_out = {m.out: m for m in mapped}
-    embed = by_out.get("language_model.model.embed_tokens.weight")
-    if embed is None:
-        raise ModelError(f"{where}: no model.embed_tokens.weight in the checkpoint", "the checkpoint is incomplete")
+    embed = by_out["language_model.model.embed_tokens.weight"]
     rows = embed.spec.shape[0]
     tok, image_id, tok_actions = _convert_tokenizer(Path(tokenizer_dir), layout, rows)
     actions += tok_actions
@@ -625,7 +636,7 @@ def convert_source(orig: dict[str, Any], tokenizer_dir: Path, source: Any, cfg: 
         pad_to_square=layout.pad_to_square,
         **({"image_mean": mean_std[0], "image_std": mean_std[1]} if mean_std else {}),
     )
-    processor = make_processor(preset, tok, _chat_template(layout))
+    processor = make_processor(preset, tok, _chat_template(layout, tok))
     if layout.pad_to_square:
         actions.append("images padded to a square with the mean colour (image_aspect_ratio pad)")
     if dropped:
@@ -635,6 +646,8 @@ def convert_source(orig: dict[str, Any], tokenizer_dir: Path, source: Any, cfg: 
     for m in mapped:
         if m.make is not None:
             produce = m.make
+        elif m.src.tensors[m.src_name].dtype != m.spec.dtype:
+            produce = (lambda m=m: (p.to(m.spec.dtype) for p in m.src.chunks(m.src_name, cfg.chunk_bytes)))
         else:
             produce = (lambda m=m: m.src.chunks(m.src_name, cfg.chunk_bytes))
         done = (lambda m=m: m.src.release(m.src_name)) if m.src is not None else None

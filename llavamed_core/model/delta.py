@@ -11,8 +11,8 @@ weights). The original semantics, kept here:
   as stored;
 - ``make-delta`` is the inverse (target minus base, same rules).
 
-Arithmetic is done in a wider float and rounded once to the stored dtype, which gives the same
-bits as the original tool's in-place fp16 addition. ``make-delta`` also makes the round trip
+``apply-delta`` adds exactly as the original tool did (in place, in the stored dtype; the sum is
+correctly rounded, so the bits are the original's). ``make-delta`` also makes the round trip
 exact: where ``base + (target - base)`` would not round back to the target it moves the delta by
 one unit in the last place until it does, so ``apply-delta(make-delta(T)) == T`` bit for bit
 wherever the dtype allows it (the result counts any element where it cannot), and then
@@ -324,8 +324,9 @@ class DeltaSource:
         a = self.base.read(name, s, e).to(op.dtype)
         o = self.other.read(name, s, e).to(op.dtype)
         if self.mode == "apply":
-            wide = _wide(op.dtype)
-            return (a.to(wide) + o.to(wide)).to(op.dtype)
+            # The original's in-place addition in the stored dtype. On the CPU a float16/bfloat16
+            # sum is formed in float32 and rounded once, which is the correctly rounded result.
+            return o.add_(a)
         d, inexact = _exact_difference(a, o, op.dtype)
         if inexact:
             self.result.inexact_elements += inexact

@@ -8,15 +8,16 @@ Weight files of a 7B model are tens of GB; the tools that rewrite them (``weight
   + shards) from the headers alone, and reads any range of a tensor's elements. Safetensors are
   read with plain positioned reads (no memory map, so the pages read do not stay resident);
   ``.bin`` files are opened with ``torch.load(weights_only=True, mmap=True)`` (a pickle can run
-  code; ``weights_only`` refuses anything but tensors) and each file's mapping is dropped once its
-  last tensor has been read.
+  code; ``weights_only`` refuses anything but tensors), which gives each tensor's place in the
+  file, and are then read the same way; a legacy (non-zip) ``.bin`` is loaded whole, and its
+  tensors are dropped once the last of them has been read.
 - :class:`ShardedWriter` writes sharded safetensors plus ``model.safetensors.index.json`` from a
   plan of names, shapes and dtypes known up front: each shard's header is written first and the
   tensor bytes are appended as they are produced, so no shard is ever assembled in memory.
 - :func:`copy_aux_files` copies what is not a weight (config, tokenizer, processor, template).
 
-Peak memory is about one chunk (``chunk_bytes``, 64 MiB by default) per open input, whatever the
-size of the tensors or of the shards.
+Peak memory is a few chunks (``chunk_bytes``, 16 MiB by default), whatever the size of the
+tensors or of the shards.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ __all__ = [
     "write_tensors",
     "copy_aux_files",
     "parse_size",
+    "element_size",
     "WEIGHT_SUFFIXES",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_SHARD_BYTES",
 ]
 
-DEFAULT_CHUNK_BYTES = 64 * 1024**2
+DEFAULT_CHUNK_BYTES = 16 * 1024**2
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 # Files that hold weights (or index them); everything else in a checkpoint directory is copied.
@@ -189,6 +191,7 @@ class CheckpointReader:
         self._fds: dict[Path, int] = {}
         self._bins: dict[Path, dict[str, Any]] = {}
         self._pending: dict[Path, set[str]] = {}
+        self._index_map: dict[str, Path] | None = None
         files, self.format = self._weight_files()
         for f in files:
             if self.format == "safetensors":
@@ -242,7 +245,7 @@ class CheckpointReader:
         return files
 
     def _check_index_entry(self, name: str, file: Path) -> None:
-        imap = getattr(self, "_index_map", None)
+        imap = self._index_map
         if imap is not None and imap.get(name) not in (None, file):
             raise ModelError(f"{file}: tensor {name} is here but the index puts it in {imap[name].name}",
                              "the index does not match the shards")
@@ -274,7 +277,7 @@ class CheckpointReader:
                                  f"not fit its shape {list(shape)} {meta['dtype']} or the file",
                                  "the file is truncated or corrupt")
             self._add(info)
-        imap = getattr(self, "_index_map", None)
+        imap = self._index_map
         if imap is not None:
             for name, f in imap.items():
                 if f == path and name not in self.tensors:
@@ -308,6 +311,26 @@ class CheckpointReader:
             raise ModelError(f"{path}: not a state dict (a {type(sd).__name__})")
         return sd
 
+    @staticmethod
+    def _zip_record_offsets(path: Path) -> set[int] | None:
+        """File offsets of the data records of a (zip-format) ``torch.save`` file."""
+        import struct
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+                offsets = set()
+                for info in zf.infolist():
+                    if "/data/" not in info.filename or info.compress_type != zipfile.ZIP_STORED:
+                        continue
+                    fh.seek(info.header_offset)
+                    head = fh.read(30)
+                    n, m = struct.unpack("<HH", head[26:30])
+                    offsets.add(info.header_offset + 30 + n + m)
+                return offsets
+        except (zipfile.BadZipFile, OSError, struct.error):
+            return None
+
     def _scan_bin(self, path: Path) -> None:
         import torch
 
@@ -316,9 +339,27 @@ class CheckpointReader:
             if not isinstance(t, torch.Tensor):
                 raise ModelError(f"{path}: entry {name} is a {type(t).__name__}, not a tensor",
                                  "only plain state dicts are supported")
-            self._add(TensorInfo(name, tuple(t.shape), t.dtype, path, None))
-        self._bins[path] = sd
-        imap = getattr(self, "_index_map", None)
+        # torch.load(mmap=True) maps the whole file and each storage is a view at its zip record,
+        # so a tensor's file offset is its address minus the mapping's base. With offsets the
+        # tensors are read like safetensors (positioned reads that do not stay resident); without
+        # (legacy format, odd strides) they are read through the mapping.
+        offsets = self._zip_record_offsets(path)
+        ptrs = sorted({t.untyped_storage().data_ptr() for t in sd.values() if t.numel()})
+        base = None
+        if offsets and ptrs and len(ptrs) <= len(offsets):
+            cand = ptrs[0] - min(offsets)
+            if all(p - cand in offsets for p in ptrs):
+                base = cand
+        fallback = False
+        for name, t in sd.items():
+            offset = None
+            if base is not None and t.is_contiguous() and t.numel():
+                offset = t.data_ptr() - base
+            fallback |= offset is None and t.numel() > 0
+            self._add(TensorInfo(name, tuple(t.shape), t.dtype, path, offset))
+        if fallback:
+            self._bins[path] = sd
+        imap = self._index_map
         if imap is not None:
             for name, f in imap.items():
                 if f == path and name not in sd:
@@ -332,15 +373,15 @@ class CheckpointReader:
 
         info = self.tensors[name]
         stop = info.numel if stop is None else stop
-        if self.format == "bin":
-            sd = self._bins.get(info.file)
-            if sd is None:
-                sd = self._bins[info.file] = self._load_bin(info.file)
-            return sd[name].reshape(-1)[start:stop].clone()
         esize = element_size(info.dtype)
         n = (stop - start) * esize
         if n == 0:
             return torch.empty(0, dtype=info.dtype)
+        if info.offset is None:
+            sd = self._bins.get(info.file)
+            if sd is None:
+                sd = self._bins[info.file] = self._load_bin(info.file)
+            return sd[name].reshape(-1)[start:stop].clone()
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)

@@ -32,13 +32,14 @@ _CONTENT = (
     "{%- endmacro -%}"
 )
 
-# LLaVA-Med v1 "SINGLE" separator style: SYSTEM###Human: Q###Assistant: A###Human: ...
+# LLaVA-Med v1 "SINGLE" separator style: <s>SYSTEM###Human: Q###Assistant: A###Human: ...
+# (the original LLaMA tokenizer added BOS itself; prompts here are tokenized without specials).
 _V1 = (
     _CONTENT
     + "{%- if messages and messages[0]['role'] == 'system' -%}{%- set sys = content(messages[0]) -%}"
     "{%- set msgs = messages[1:] -%}{%- else -%}{%- set sys = '" + V1_SYSTEM + "' -%}"
     "{%- set msgs = messages -%}{%- endif -%}"
-    "{{ sys + '###' }}"
+    "{{ bos_token + sys + '###' }}"
     "{%- for m in msgs -%}"
     "{%- if m['role'] == 'user' -%}{{ 'Human: ' + content(m) + '###' }}"
     "{%- elif m['role'] == 'assistant' -%}{{ 'Assistant: ' }}"

@@ -134,4 +134,8 @@ def run_server(config: ServeConfig, engine_loader: Callable[[], Any] | None = No
         ModelError: no checkpoint at ``config.model``, or loading it failed.
         NetworkError: the address cannot be bound.
     """
+    import os
+    import sys
+
+    sys.setswitchinterval(float(os.environ.get("LLAVAMED_SWITCH", "0.005")))
     Server(config, engine_loader=engine_loader, log_level=log_level).run()

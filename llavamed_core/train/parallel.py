@@ -1,7 +1,7 @@
 """Distributed training plumbing: world size, DeepSpeed/FSDP settings, the torchrun re-launch.
 
 ``llavamed train … --gpus N`` (or ``--nproc N`` on CPU, gloo backend) re-runs the same command
-line under ``python -m torch.distributed.run`` with N processes per node; the child processes see
+line under torchrun (``torch.distributed.run``) with N processes per node; the child processes see
 :data:`LAUNCHED_ENV` and train instead of launching again. Each child is one rank of the Hugging
 Face Trainer (DDP, DeepSpeed ZeRO or FSDP).
 
@@ -94,12 +94,13 @@ class LaunchSpec:
 
 
 def torchrun_command(spec: LaunchSpec, module_args: list[str], module: str = "llavamed_cli.main") -> list[str]:
-    """The ``python -m torch.distributed.run … -m MODULE ARGS`` command line."""
+    """The torchrun command line: ``python -m llavamed_core.train._torchrun … -m MODULE ARGS``
+    (``torch.distributed.run`` with a quiet failure report, see :mod:`._torchrun`)."""
     if spec.nproc_per_node < 1 or spec.nnodes < 1:
         raise ConfigError("--gpus/--nproc and --nnodes must be at least 1")
     if not 0 <= spec.node_rank < spec.nnodes:
         raise ConfigError(f"--node-rank {spec.node_rank}: must be between 0 and {spec.nnodes - 1}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}",
+    cmd = [sys.executable, "-m", "llavamed_core.train._torchrun", f"--nproc_per_node={spec.nproc_per_node}",
            f"--nnodes={spec.nnodes}", f"--node_rank={spec.node_rank}",
            f"--master_addr={spec.master_addr}", f"--master_port={spec.master_port}"]
     return [*cmd, "-m", module, *module_args]

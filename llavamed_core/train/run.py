@@ -244,6 +244,13 @@ def _load_model(cfg: TrainConfig, device: str, args: Any) -> Any:
     import torch
     from transformers import LlavaForConditionalGeneration
 
+    if cfg.deepspeed is not None and args.world_size > 1:
+        # ZeRO-3 partitions the weights while they load; DeepSpeed's communicator must know the
+        # world by then (the Trainer only sets it up later, at its first step).
+        import deepspeed
+
+        args.device  # noqa: B018 - sets up torch.distributed first
+        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
     kwargs: dict[str, Any] = {"dtype": torch.float32,
                               "attn_implementation": resolve_attn_implementation(device, cfg.attn_implementation)}
     if cfg.deepspeed is not None and (args.bf16 or args.fp16):
@@ -490,14 +497,17 @@ def _write_outputs(cfg: TrainConfig, trainer: Any, processor: Any, lora_cfg: Any
     sharded = trainer.is_fsdp_enabled or (
         trainer.is_deepspeed_enabled and acc.deepspeed_config["zero_optimization"]["stage"] == 3)
     state = acc.get_state_dict(wrapped) if sharded else None
+    if trainer.is_deepspeed_enabled:
+        # Training is over: without this, building a model below (the meta shell, or the base of a
+        # LoRA merge) would enter ZeRO-3's partitioning, a collective that only rank 0 reaches.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     extra = {"train_config.json": config_dict, "training_args.json": json.loads(args.to_json_string())}
     if acc.is_main_process:
         if lora_cfg is not None and not cfg.merge:
-            from .lora import adapter_state
-
-            adapter = adapter_state(unwrapped, state)
             with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
-                unwrapped.save_pretrained(tmp, state_dict=adapter)
+                unwrapped.save_pretrained(tmp, state_dict=state)  # PEFT keeps the adapter's part
                 processor.save_pretrained(tmp)
                 for name, obj in extra.items():
                     atomic_write_json(tmp / name, obj)

@@ -1,0 +1,277 @@
+"""Load test of ``llavamed serve``: N concurrent clients, micro-batching on vs ``--max-batch 1``.
+
+Starts the real server (``python -m llavamed_cli.main serve``) twice on the same checkpoint —
+once with batching (``--max-batch 32``), once with ``--max-batch 1`` (one request at a time, the
+original demo's behaviour) — and drives each with 1, 8 and 32 concurrent clients sending image
+chats (greedy, fixed ``max_tokens``). One request in ten is malformed (bad base64, not an image,
+a 25-megapixel image, empty messages, an unknown model, broken JSON); those must be answered
+4xx and the rest 200. Prints requests/s, p50/p99 latency and errors per level, and the
+requests/s ratio of batching over ``--max-batch 1`` at 32 clients (target: at least 3x).
+
+Run::
+
+    python benchmarks/serve_load.py                               # CPU, tiny model
+    python benchmarks/serve_load.py --device cuda --size 0.5b     # one GPU, ~0.6B model, < 2 min
+
+``--size 0.5b`` is the ``llava-med-v1.5`` preset (Mistral-7B width, CLIP ViT-L/14-336, 576 image
+tokens) cut to 2 text layers and 12 vision layers, randomly initialised and saved (bf16 on CUDA)
+to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_checkpoint(size: str, device: str, out: Path) -> dict:
+    """Write a randomly initialised checkpoint of ``size`` to ``out``; return what was built."""
+    import torch
+
+    from llavamed_core.model import build_from_preset, save_checkpoint
+
+    t0 = time.perf_counter()
+    if size == "tiny":
+        model, processor = build_from_preset("tiny", seed=0)
+    else:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model, processor = build_from_preset("llava-med-v1.5", seed=0, dtype=dtype,
+                                             text_overrides={"num_hidden_layers": 2},
+                                             vision_overrides={"num_hidden_layers": 12})
+    save_checkpoint(model, processor, out)
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "image_size": processor.image_processor.crop_size["height"],
+            "build_s": time.perf_counter() - t0}
+
+
+def _png_data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def make_images(n: int, side: int) -> list[str]:
+    """``n`` reproducible random RGB images as PNG data URLs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [_png_data_url(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+            for _ in range(n)]
+
+
+def malformed_bodies() -> list[tuple[str, bytes]]:
+    """(kind, raw body) of requests the server must answer with a 4xx."""
+    from PIL import Image
+
+    huge = _png_data_url(Image.new("L", (5000, 5000)))
+
+    def chat(url: str, **kw) -> bytes:
+        return json.dumps({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}],
+            "max_tokens": 8, **kw}).encode()
+
+    return [
+        ("bad-base64", chat("data:image/png;base64,@@@not-base64@@@")),
+        ("not-an-image", chat("data:image/png;base64," + base64.b64encode(b"plain text").decode())),
+        ("huge-image", chat(huge)),
+        ("empty-messages", json.dumps({"messages": []}).encode()),
+        ("unknown-model", json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}).encode()),
+        ("broken-json", b'{"messages": [{"role": "user", "content": '),
+    ]
+
+
+def start_server(ckpt: Path, max_batch: int, device: str, log_path: Path, extra: list[str],
+                 cpu_threads: int | None) -> tuple[subprocess.Popen, str]:
+    """Start ``llavamed serve`` on a free port; return the process and its URL once healthy."""
+    import httpx
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if cpu_threads:
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
+
+    cmd = [sys.executable, "-m", "llavamed_cli.main", "serve", "--model", str(ckpt), "--port", "0",
+           "--max-batch", str(max_batch), "--max-wait-ms", "10", "--device", device, *extra]
+    err = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
+    err.close()
+    deadline = time.monotonic() + 600
+    url = None
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the server did not become healthy in 600 s")
+        if url is None:
+            m = re.search(r"on (http://127\.0\.0\.1:\d+);", log_path.read_text(errors="replace"))
+            url = m.group(1) if m else None
+        if url is not None:
+            try:
+                healthy = httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                healthy = False  # still starting
+            if healthy:
+                return proc, url
+        time.sleep(0.2)
+
+
+def server_batches(lines: list[str]) -> dict:
+    """Mean batch size and queue wait of the answered requests, from the server's request log."""
+    batches = [int(m.group(1)) for m in (re.search(r" batch=(\d+)", ln) for ln in lines) if m]
+    queues = [float(m.group(1)) for m in (re.search(r" queue_ms=(\d+)", ln) for ln in lines) if m]
+    return {"mean_batch": statistics.fmean(batches) if batches else float("nan"),
+            "mean_queue_ms": statistics.fmean(queues) if queues else float("nan")}
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server started by :func:`start_server`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def run_level(url: str, clients: int, total: int, images: list[str], max_tokens: int,
+                    bad: list[tuple[str, bytes]], malformed_every: int) -> dict:
+    """``clients`` concurrent clients send ``total`` requests in all (closed loop)."""
+    import httpx
+
+    per_client = max(1, total // clients)
+    latencies: list[float] = []
+    counts = {"ok": 0, "malformed_4xx": 0, "errors": 0}
+    problems: list[str] = []
+
+    async def client(cid: int, http: httpx.AsyncClient) -> None:
+        for i in range(per_client):
+            n = cid * per_client + i
+            if malformed_every and n % malformed_every == malformed_every - 1:
+                kind, raw = bad[(n // malformed_every) % len(bad)]
+                try:
+                    r = await http.post(url + "/v1/chat/completions", content=raw,
+                                        headers={"Content-Type": "application/json"})
+                    ok = 400 <= r.status_code < 500 and "error" in r.json()
+                except (httpx.HTTPError, ValueError) as exc:
+                    ok, r = False, exc
+                counts["malformed_4xx" if ok else "errors"] += 1
+                if not ok:
+                    problems.append(f"{kind}: {getattr(r, 'status_code', r)}")
+                continue
+            body = {"model": "ckpt", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": images[n % len(images)]}},
+                {"type": "text", "text": f"What is the finding in image {n}?"}]}],
+                "max_tokens": max_tokens, "temperature": 0}
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url + "/v1/chat/completions", json=body)
+                good = r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                good, r = False, exc
+            if good:
+                latencies.append(time.perf_counter() - t0)
+                counts["ok"] += 1
+            else:
+                counts["errors"] += 1
+                problems.append(f"valid request: {getattr(r, 'status_code', r)} {getattr(r, 'text', '')[:200]}")
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c, http) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    q = (lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))] * 1000) if lat else (lambda p: float("nan"))
+    return {"clients": clients, "requests": per_client * clients, **counts, "wall_s": wall,
+            "req_per_s": counts["ok"] / wall, "p50_ms": q(0.50), "p99_ms": q(0.99),
+            "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"), "problems": problems[:5]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", choices=["tiny", "0.5b"], default="tiny")
+    ap.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per level (default 128 for tiny, 32 for 0.5b); rounded to a multiple of the clients")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 32")
+    ap.add_argument("--max-batch", type=int, default=32, help="batch size of the batching server")
+    ap.add_argument("--image-size", type=int, default=None, help="side of the test images in pixels (default 64 for tiny, the model's for 0.5b)")
+    ap.add_argument("--malformed-every", type=int, default=10, help="every Nth request is malformed (0 = none)")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra `llavamed serve` argument (repeat)")
+    ap.add_argument("--cpu-threads", type=int, default=1,
+                    help="OMP_NUM_THREADS of the server on CPU (default 1: on a small shared machine "
+                         "more threads make the tiny model's timings erratic); 0 = torch's default")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = ap.parse_args()
+
+    clients = [int(c) for c in args.clients.split(",")]
+    total = args.requests or (128 if args.size == "tiny" else 32)
+    max_tokens = args.max_tokens or 32
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        built = build_checkpoint(args.size, args.device, ckpt)
+        print(f"checkpoint: {args.size}, {built['parameters'] / 1e6:.1f} M parameters, built in "
+              f"{built['build_s']:.1f} s; device {args.device}; {total} requests per level, "
+              f"max_tokens {max_tokens}, every {args.malformed_every}th malformed", flush=True)
+        images = make_images(16, args.image_size or (64 if args.size == "tiny" else built["image_size"]))
+        bad = malformed_bodies()
+        runs = []
+        for label, max_batch in (("batching", args.max_batch), ("max-batch 1", 1)):
+            log_path = Path(tmp) / f"server-{max_batch}.log"
+            proc, url = start_server(ckpt, max_batch, args.device, log_path,
+                                     args.server_arg, args.cpu_threads if args.device == "cpu" else None)
+            try:
+                for n in (1, max(clients)):  # warm-up: first batches of a new size are slow
+                    asyncio.run(run_level(url, n, n, images, max_tokens, [], 0))
+                for n in clients:
+                    seen = len(log_path.read_text(errors="replace").splitlines())
+                    res = asyncio.run(run_level(url, n, max(total, n), images, max_tokens, bad,
+                                                args.malformed_every))
+                    res["config"] = label
+                    res.update(server_batches(log_path.read_text(errors="replace").splitlines()[seen:]))
+                    runs.append(res)
+                    print(f"  {label:12s} clients={n:3d}  {res['req_per_s']:7.2f} req/s  p50 "
+                          f"{res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  ok {res['ok']}  "
+                          f"malformed->4xx {res['malformed_4xx']}  errors {res['errors']}  mean batch "
+                          f"{res['mean_batch']:.1f}  mean queue {res['mean_queue_ms']:.0f} ms", flush=True)
+                    for p in res["problems"]:
+                        print(f"    problem: {p}", flush=True)
+            finally:
+                stop_server(proc)
+
+    print()
+    header = f"{'config':12s} {'clients':>7s} {'requests':>8s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} {'malformed 4xx':>13s} {'errors':>6s}"
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        print(f"{r['config']:12s} {r['clients']:7d} {r['requests']:8d} {r['req_per_s']:8.2f} "
+              f"{r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {r['malformed_4xx']:13d} {r['errors']:6d}")
+    top = max(clients)
+    by = {(r["config"], r["clients"]): r for r in runs}
+    ratio = by[("batching", top)]["req_per_s"] / by[("max-batch 1", top)]["req_per_s"]
+    errors = sum(r["errors"] for r in runs)
+    print(f"\nbatching / max-batch 1 at {top} clients: {ratio:.2f}x requests/s (target >= 3x); "
+          f"errors: {errors}; malformed answered 4xx: {sum(r['malformed_4xx'] for r in runs)}")
+    if args.json:
+        print(json.dumps({"size": args.size, "device": args.device, "max_tokens": max_tokens,
+                          "parameters": built["parameters"], "runs": runs, "ratio_at_max_clients": ratio},
+                         indent=2))
+
+
+if __name__ == "__main__":
+    main()
