@@ -131,10 +131,12 @@ def start_server(ckpt: Path, max_batch: int, device: str, log_path: Path, extra:
 
 def server_batches(lines: list[str]) -> dict:
     """Mean batch size and queue wait of the answered requests, from the server's request log."""
-    batches = [int(m.group(1)) for m in (re.search(r" batch=(\d+)", ln) for ln in lines) if m]
-    queues = [float(m.group(1)) for m in (re.search(r" queue_ms=(\d+)", ln) for ln in lines) if m]
-    return {"mean_batch": statistics.fmean(batches) if batches else float("nan"),
-            "mean_queue_ms": statistics.fmean(queues) if queues else float("nan")}
+    def mean(key: str) -> float:
+        vals = [float(m.group(1)) for m in (re.search(rf" {key}=(\d+)", ln) for ln in lines) if m]
+        return statistics.fmean(vals) if vals else float("nan")
+
+    return {"mean_batch": mean("batch"), "mean_ingest_ms": mean("ingest_ms"),
+            "mean_queue_ms": mean("queue_ms"), "mean_gen_ms": mean("gen_ms")}
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -247,8 +249,9 @@ def main() -> None:
                     runs.append(res)
                     print(f"  {label:12s} clients={n:3d}  {res['req_per_s']:7.2f} req/s  p50 "
                           f"{res['p50_ms']:8.1f} ms  p99 {res['p99_ms']:8.1f} ms  ok {res['ok']}  "
-                          f"malformed->4xx {res['malformed_4xx']}  errors {res['errors']}  mean batch "
-                          f"{res['mean_batch']:.1f}  mean queue {res['mean_queue_ms']:.0f} ms", flush=True)
+                          f"malformed->4xx {res['malformed_4xx']}  errors {res['errors']}  | server means: "
+                          f"batch {res['mean_batch']:.1f}, read+check {res['mean_ingest_ms']:.0f} ms, "
+                          f"queue {res['mean_queue_ms']:.0f} ms, generate {res['mean_gen_ms']:.0f} ms", flush=True)
                     for p in res["problems"]:
                         print(f"    problem: {p}", flush=True)
             finally:

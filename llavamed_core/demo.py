@@ -63,27 +63,29 @@ class DemoConfig:
         eval_batch: questions per forward pass in the evaluations.
         threads: torch CPU threads during the demo (tiny matrices: one thread avoids
             synchronisation costs, and keeps a shared machine responsive); ``None`` leaves torch's.
+        group_by_length: batch samples of similar length together. Off here: the synthetic
+            questions' lengths follow their type, so grouped batches hold one question type each
+            and the tiny model learns the yes/no question far slower (77 % vs 96 % strict closed
+            accuracy after the same 630 steps).
     """
 
     out: Path
     quick: bool = False
     seed: int = 0
     overwrite: bool = False
-    n_train: int = 800
+    n_train: int = 2000
     n_test: int = 100
     lesion_amplitude: float = 3.0
     lesion_radius: tuple[float, float] = (5.0, 7.0)
     align_epochs: float = 1.0
     align_lr: float = 1e-3
-    instruct_epochs: float = 10.0
+    instruct_epochs: float = 8.0
     instruct_lr: float = 2e-3
     batch: int = 32
     max_steps: int | None = None
     eval_batch: int = 32
     threads: int | None = 1
     group_by_length: bool = False
-    warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine"
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -205,8 +207,8 @@ def run_demo(cfg: DemoConfig, progress: ProgressCallback | None = None) -> DemoR
 
         common = dict(images=data / "images", global_batch=cfg.batch, per_device_batch=cfg.batch,
                       max_steps=cfg.max_steps, seed=cfg.seed, device="cpu", overwrite=True,
-                      run_dir=ckpts / ".runs", save_steps=10**9, group_by_length=cfg.group_by_length,
-                      overrides={"warmup_ratio": cfg.warmup_ratio, "lr_scheduler_type": cfg.lr_scheduler})
+                      run_dir=ckpts / ".runs", save_steps=10**9,
+                      group_by_length=cfg.group_by_length)
         t = step(3, "train align")
         align = train(TrainConfig(stage="align", model=ckpts / "base", data=synth.align, out=ckpts / "align",
                                   epochs=cfg.align_epochs, learning_rate=cfg.align_lr, **common), progress)

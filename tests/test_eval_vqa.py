@@ -131,6 +131,12 @@ def test_resume_after_kill_answers_only_the_missing(tiny_ckpt, synth_data, tmp_p
     r = cli("eval", "vqa", "--model", tiny_ckpt, "--dataset", synth_data / "test.json", "--out", out,
             "--max-new-tokens", MAX_NEW, "--json")
     assert json.loads(r.stdout)["run"]["answered"] == 0
+    # ... and a smaller --limit scores its slice of the file.
+    r = cli("eval", "vqa", "--model", tiny_ckpt, "--dataset", synth_data / "test.json", "--out", out,
+            "--max-new-tokens", MAX_NEW, "--limit", "5", "--json")
+    res = json.loads(r.stdout)
+    assert r.exit_code == 0 and res["run"]["answered"] == 0 and res["counts"]["n"] == 5
+    assert res["counts"]["extra"] == 0
 
 
 def test_split_over_two_processes_equals_one(cli, tiny_ckpt, synth_data, tmp_path, reference):

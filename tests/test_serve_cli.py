@@ -42,3 +42,15 @@ def test_a_checkpoint_that_fails_to_load_stops_the_server(tiny_ckpt_copy, tmp_pa
     log = srv.log()
     assert code == 1
     assert "Error:" in log and "Traceback" not in log
+
+
+def test_listening_socket_is_tcp_so_responses_are_not_delayed():
+    # asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; a socket made with proto 0 left
+    # Nagle's algorithm on, and every response waited ~40 ms for a delayed ACK.
+    from llavamed_core.serve.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

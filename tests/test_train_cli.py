@@ -97,9 +97,15 @@ def test_finetune_with_lora_merges_into_a_standalone_checkpoint(cli, tiny_ckpt, 
 
 
 def _bad_records(tmp_path):
-    """Six broken files, each with one bad record among good ones, and the record id named."""
+    """Broken records (each to go among good ones); each record id is to be named in the error."""
+    from PIL import Image
+
     make_images(tmp_path / "img", ["ok.png", "other.png"])
     (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    # A valid header whose pixel data is cut short: found when the image is loaded, mid-run.
+    Image.effect_noise((64, 64), 60).convert("RGB").save(tmp_path / "img" / "big.png")
+    big = (tmp_path / "img" / "big.png").read_bytes()
+    (tmp_path / "img" / "truncated.png").write_bytes(big[: len(big) // 2])
     good = {"id": "good-1", "image": "ok.png", "domain": {"ct_scan": True}, "question_type": "presence",
             "answer_type": "CLOSED", "conversations": [{"from": "human", "value": "<image>\nIs there a lesion?"},
                                                        {"from": "gpt", "value": "yes"}]}
@@ -111,6 +117,7 @@ def _bad_records(tmp_path):
     return {
         "missing image": bad("rec-missing", image="nowhere.png"),
         "corrupt image": bad("rec-corrupt", image="corrupt.png"),
+        "truncated image": bad("rec-truncated", image="truncated.png"),
         "no <image>": bad("rec-noimage", conversations=[{"from": "human", "value": "Is there a lesion?"}, conv[1]]),
         "two <image>": bad("rec-twoimage", conversations=[{"from": "human", "value": "<image> <image> Lesion?"}, conv[1]]),
         "empty conversation": bad("rec-empty", conversations=[]),
@@ -118,7 +125,7 @@ def _bad_records(tmp_path):
     }, good
 
 
-@pytest.mark.parametrize("case", ["missing image", "corrupt image", "no <image>", "two <image>",
+@pytest.mark.parametrize("case", ["missing image", "corrupt image", "truncated image", "no <image>", "two <image>",
                                   "empty conversation", "bad role"])
 def test_bad_data_exits_1_naming_the_record(cli, tiny_ckpt, tmp_path, case):
     cases, good = _bad_records(tmp_path)

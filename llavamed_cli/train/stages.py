@@ -15,7 +15,9 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -109,6 +111,8 @@ def _run(ctx: typer.Context, stage: str) -> None:
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
         warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if params.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it found no GPU
     cfg = _build_config(stage, typed)  # check the options before launching anything
     cfg.check()
     if params.get("gpus"):
@@ -117,8 +121,6 @@ def _run(ctx: typer.Context, stage: str) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"--gpus {params['gpus']}: no CUDA GPU on this machine",
                               f"use --nproc {params['gpus']} to run that many CPU processes")
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if (nproc > 1 or params.get("nnodes", 1) > 1) and not os.environ.get(LAUNCHED_ENV):
         plan_batch(cfg.resolved_global_batch(), nproc * params["nnodes"], cfg.per_device_batch,
                    cfg.preset.per_device_batch)  # fails here, once, rather than in every process
@@ -133,7 +135,9 @@ def _run(ctx: typer.Context, stage: str) -> None:
 
     hf_logging.disable_progress_bar()  # our progress is the one that counts
     try:
-        with _console.progress() as progress:
+        # stdout carries the result alone: what libraries print while training (DeepSpeed does)
+        # goes to stderr with the logs.
+        with _console.progress() as progress, contextlib.redirect_stdout(sys.stderr):
             result = train(cfg, progress=progress)
     except LlavamedError as exc:
         if not _console.is_rank_zero():

@@ -417,9 +417,14 @@ def answer_questions(cfg: VQAEvalConfig, progress: ProgressCallback | None = Non
         raise ConfigError("--batch-size, --concurrency and --nproc must be at least 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"--limit {cfg.limit}: must be at least 1")
-    kind, questions = load_questions(cfg.dataset)
-    if cfg.limit is not None:
-        questions = questions[:cfg.limit]
+    if cfg.gpus and cfg.shard is None and not cfg.server:
+        import torch
+
+        if torch.cuda.device_count() < cfg.gpus:
+            raise ConfigError(f"--gpus {cfg.gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s)",
+                              "use --nproc N to split over CPU processes")
+    kind, all_questions = load_questions(cfg.dataset)
+    questions = all_questions[:cfg.limit] if cfg.limit is not None else all_questions
     images = cfg.images if cfg.images is not None else _default_images(Path(cfg.dataset))
     if cfg.images is not None and not Path(cfg.images).is_dir():
         raise DataError(f"--images {cfg.images}: not a directory", "give the folder holding the images")
@@ -429,7 +434,7 @@ def answer_questions(cfg: VQAEvalConfig, progress: ProgressCallback | None = Non
     if cfg.shard is None:
         _merge_parts(out)
     done = _read_done(main)
-    _check_ids(done, questions, main, Path(cfg.dataset))
+    _check_ids(done, all_questions, main, Path(cfg.dataset))
     todo = [(i, q) for i, q in enumerate(questions) if str(q.id) not in done]
     already = len(questions) - len(todo)
     nproc = cfg.gpus or cfg.nproc
@@ -538,7 +543,9 @@ def evaluate_vqa(cfg: VQAEvalConfig, progress: ProgressCallback | None = None,
     if run.kind == "vqa":
         from ..records import load_answers
 
-        report = score_vqa([q.conversation for q in run.questions], load_answers(run.answers),
+        in_scope = {str(q.id) for q in run.questions}  # with --limit, the file may hold more
+        answers = [a for a in load_answers(run.answers) if str(a.question_id) in in_scope]
+        report = score_vqa([q.conversation for q in run.questions], answers,
                            gt_path=str(cfg.dataset), answers_path=str(run.answers))
         results.update(report.to_dict())
     path = atomic_write_json(Path(cfg.out) / RESULTS_FILE, results)

@@ -424,23 +424,27 @@ class Engine:
             kwargs["pixel_values"] = enc["pixel_values"].to(self.dtype)
         active = list(range(len(rows)))  # positions in `rows` still decoding, in batch order
         next_pos = position_ids[:, -1] + 1
+        # Inference mode around the tensor work only: the generator suspends at ``yield``, and
+        # the caller's code (callbacks, other streams) must not run inside it.
         with torch.inference_mode():
             out = self.model(**kwargs)
-            while True:
-                logits = out.logits[:, -1, :].float()
-                tokens = self._pick(logits, [rows[a] for a in active])
-                still = []
-                finished = []
-                for b, a in enumerate(active):
-                    row = rows[a]
-                    self._advance(row, int(tokens[b]), on_delta, should_stop)
-                    if row.finish is None:
-                        still.append(b)
-                    else:
-                        finished.append((row.index, self._result(row, on_delta)))
-                yield finished
-                if not still:
-                    return
+        while True:
+            with torch.inference_mode():
+                tokens = self._pick(out.logits[:, -1, :].float(), [rows[a] for a in active])
+            picked = tokens.tolist()  # one device sync per step, not one per row
+            still = []
+            finished = []
+            for b, a in enumerate(active):
+                row = rows[a]
+                self._advance(row, picked[b], on_delta, should_stop)
+                if row.finish is None:
+                    still.append(b)
+                else:
+                    finished.append((row.index, self._result(row, on_delta)))
+            yield finished
+            if not still:
+                return
+            with torch.inference_mode():
                 if len(still) < len(active):
                     keep = torch.tensor(still, device=mask.device)
                     cache.batch_select_indices(keep)

@@ -60,7 +60,7 @@ class ServerState:
     Attributes:
         backend: the native or vLLM backend.
         error: the error that stopped loading, or ``None``.
-        loaded_at: seconds the load took, once loaded.
+        load_seconds: seconds the load took, once loaded.
         on_fatal: called (from the loading thread) when loading fails, to stop the server.
     """
 
@@ -244,6 +244,7 @@ def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = No
             while (await request.receive())["type"] != "http.disconnect":
                 continue
 
+        rec["ingest_ms"] = (time.monotonic() - request.scope["llavamed.t0"]) * 1000
         ctx = RequestContext(rec["id"], config.model_name, rec, wait_disconnect)
         headers = {"X-Request-Id": rec["id"]}
         if chat.stream:
@@ -272,8 +273,10 @@ def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = No
 class _RequestLog:
     """ASGI middleware: a request id, and one log line per request when its response ends.
 
-    The line carries the id, method, path, status, tokens, batch size, queue wait and latency;
-    streamed responses are logged when the stream ends, so latency covers the whole answer.
+    The line carries the id, method, path, status, tokens, the time spent reading and checking the
+    request (``ingest_ms``), waiting for a batch (``queue_ms``) and generating (``gen_ms``), batch
+    size and total latency; streamed responses are logged when the stream ends, so latency covers
+    the whole answer.
     """
 
     def __init__(self, app: Any):
@@ -285,7 +288,7 @@ class _RequestLog:
             return
         rec: dict[str, Any] = {"id": "chatcmpl-" + uuid.uuid4().hex[:24]}
         scope["llavamed.log"] = rec
-        t0 = time.monotonic()
+        t0 = scope["llavamed.t0"] = time.monotonic()
         status = {"code": 0}
 
         async def send_wrapper(message: dict) -> None:

@@ -10,6 +10,7 @@ cancelled, which frees its slot in the batch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -51,8 +52,6 @@ class RequestContext:
 
 def sse(obj: Any) -> bytes:
     """One Server-Sent Event carrying ``obj`` as JSON (or ``[DONE]``)."""
-    import json
-
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
 
@@ -159,6 +158,8 @@ class NativeBackend:
                    finish=res.finish_reason, batch=job.batch_size)
         if job.started_at is not None:
             rec["queue_ms"] = (job.started_at - job.enqueued_at) * 1000
+        if job.started_at is not None and job.finished_at is not None:
+            rec["gen_ms"] = (job.finished_at - job.started_at) * 1000
 
     async def complete(self, chat: ParsedChat, ctx: RequestContext, body: dict | None = None) -> dict:
         """Answer a non-streamed request; the client's disconnect cancels it.

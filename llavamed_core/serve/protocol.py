@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api_errors import APIError, bad_request, invalid_field
+from .api_errors import bad_request, invalid_field
 from .config import RemoteImagePolicy, ServeLimits
 from .images import decode_data_url, fetch_remote_image, is_remote_url, open_image, to_data_url
 

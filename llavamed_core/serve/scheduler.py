@@ -53,6 +53,8 @@ class Job:
     """When it was queued (monotonic seconds)."""
     started_at: float | None = None
     """When its batch started."""
+    finished_at: float | None = None
+    """When its batch ended."""
     batch_size: int = 0
     """How many requests its batch held."""
     cancelled: bool = False
@@ -195,9 +197,11 @@ class BatchScheduler:
                                            should_stop=should_stop)
         except Exception as exc:  # the engine failed: every request of the batch gets a 500
             log.exception("generation failed for a batch of %d", len(batch))
+            self._finish(batch)
             for job in batch:
                 _deliver(job, "error", exc)
             return
+        self._finish(batch)
         if len(results) != len(batch):
             err = RuntimeError(f"engine returned {len(results)} results for {len(batch)} requests")
             log.error("%s", err)
@@ -209,6 +213,12 @@ class BatchScheduler:
                 self.stats.cancelled += 1
             _deliver(job, "done", res)
 
+
+    @staticmethod
+    def _finish(batch: list[Job]) -> None:
+        end = time.monotonic()
+        for job in batch:
+            job.finished_at = end
 
     def _passes_check(self, job: Job) -> bool:
         try:

@@ -39,8 +39,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except socket.gaierror as exc:
         raise NetworkError(f"--host {host}: cannot resolve it ({exc.strerror})",
                            "use an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
-    family, _type, _proto, _name, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _type, proto, _name, addr = infos[0]
+    # The protocol must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on such sockets, and
+    # without it Nagle's algorithm and delayed ACKs add ~40 ms to every response.
+    sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
@@ -134,8 +136,4 @@ def run_server(config: ServeConfig, engine_loader: Callable[[], Any] | None = No
         ModelError: no checkpoint at ``config.model``, or loading it failed.
         NetworkError: the address cannot be bound.
     """
-    import os
-    import sys
-
-    sys.setswitchinterval(float(os.environ.get("LLAVAMED_SWITCH", "0.005")))
     Server(config, engine_loader=engine_loader, log_level=log_level).run()

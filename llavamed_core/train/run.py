@@ -214,13 +214,16 @@ def _training_arguments(cfg: TrainConfig, plan: BatchPlan, device: str, world_si
         use_cpu=not cuda,
         # The vision tower is frozen in every stage, so every trained parameter gets a gradient.
         ddp_find_unused_parameters=False,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         optim="adamw_torch_fused" if cuda and cfg.deepspeed is None else "adamw_torch",
         save_only_model=False,
     )
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:  # transformers ≥ 5.2x; earlier: group_by_length
+        kw["train_sampling_strategy"] = "group_by_length" if cfg.group_by_length else "random"
+    else:
+        kw["group_by_length"] = cfg.group_by_length
     if cfg.gradient_checkpointing:
         # transformers 5.2x renamed the option; non-reentrant recomputation works with frozen inputs.
-        names = {f.name for f in dataclasses.fields(TrainingArguments)}
         key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
         kw[key] = True
         kw[key + "_kwargs"] = {"use_reentrant": False}
@@ -301,7 +304,9 @@ def _make_trainer_classes() -> tuple[type, type]:
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             # The stock sampler would read every item (loading every image) to learn the lengths.
-            if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
+            grouped = (getattr(self.args, "train_sampling_strategy", None) == "group_by_length"
+                       or getattr(self.args, "group_by_length", False))
+            if grouped and self.lengths is not None:
                 return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                             lengths=self.lengths)
             return super()._get_train_sampler(train_dataset)

@@ -1,0 +1,82 @@
+"""Real processes: ``--nproc 2`` under torchrun (gloo) with DDP, DeepSpeed ZeRO-2/3 and FSDP, and
+resuming after the training process is killed with SIGKILL.
+
+The first DeepSpeed run on a machine compiles DeepSpeed's shared-memory communication op (about a
+minute of CPU, cached in ~/.cache/torch_extensions afterwards); later runs take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from train_helpers import changed_groups, check_generates, weights
+
+# One thread per process: two ranks on a shared 2-core machine.
+ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", [[], ["--deepspeed", "zero2"], ["--deepspeed", "zero3"], ["--fsdp"]],
+                         ids=["ddp", "zero2", "zero3", "fsdp"])
+def test_two_processes_write_a_loadable_checkpoint(cli_subprocess, tiny_ckpt, synth_data, tmp_path, mode):
+    if mode and mode[0] == "--deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            pytest.skip("deepspeed is not installed (pip install 'llavamed[deepspeed]')")
+    out = tmp_path / "out"
+    r = cli_subprocess("train", "instruct", "--model", tiny_ckpt, "--data", synth_data / "instruct.json",
+                       "--images", synth_data / "images", "--out", out, "--global-batch", "8",
+                       "--max-steps", "2", "--nproc", "2", "--master-port", str(_free_port()), *mode, "--json",
+                       env=ENV, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)  # one JSON document: only rank 0 printed
+    assert res["world_size"] == 2 and res["steps"] == 2
+    assert res["global_batch"] == 8 and res["per_device_batch"] * res["grad_accum"] == 4
+    assert r.stderr.count("[tokenize] 48/48") == 1  # progress from rank 0 only
+    assert "Traceback" not in r.stderr
+    assert changed_groups(weights(tiny_ckpt), weights(out)) == {
+        "projector": True, "language_model": True, "vision_tower": False}
+    check_generates(out, synth_data / "images" / "train_00003.png")
+
+
+def test_resume_after_sigkill_reaches_the_same_final_step(tiny_ckpt, synth_data, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "llavamed_cli.main", "train", "finetune", "--model", str(tiny_ckpt),
+            "--data", str(synth_data / "train.json"), "--images", str(synth_data / "images"), "--out", str(out),
+            "--global-batch", "4", "--max-steps", "30", "--save-steps", "5"]
+    env = dict(os.environ, **ENV)
+    first_ckpt = tmp_path / "out.run" / "checkpoint-5" / "trainer_state.json"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not first_ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()  # no half-written output
+
+    # Starting again without --resume refuses to mix runs; --resume auto continues.
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "--resume auto" in again.stderr
+    resumed = subprocess.run([*args, "--resume", "auto", "--json"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    res = json.loads(resumed.stdout)
+    assert res["steps"] == 30 and res["resumed_from"] is not None
+    assert int(res["resumed_from"].rsplit("-", 1)[1]) >= 5
+    state = json.loads((tmp_path / "out.run" / "checkpoint-30" / "trainer_state.json").read_text())
+    assert state["global_step"] == 30 and state["max_steps"] == 30
+    check_generates(out, synth_data / "images" / "train_00004.png")
