@@ -45,19 +45,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=["tiny", "0.5b"], default="tiny")
-    ap.add_argument("--questions", type=int, default=None, help="default 96 (tiny) / 128 (0.5b)")
+    ap.add_argument("--questions", type=int, default=None, help="default 96 (tiny) / 64 (0.5b)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args()
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     from llavamed_core.data.synth import SynthConfig, make_synthetic_vqa
     from llavamed_core.eval.answers import VQAEvalConfig, answer_questions, load_image, load_questions
     from llavamed_core.infer import Engine
 
-    n = args.questions or (96 if args.size == "tiny" else 128)
+    n = args.questions or (96 if args.size == "tiny" else 64)
     t0 = time.perf_counter()
     model, processor, dtype = _build(args.size, args.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -118,7 +122,7 @@ def main() -> None:
         "speedup": round(base_s / batched_s, 2), "same_answers": f"{same}/{len(baseline)}",
     }
     print(f"eval_throughput: {fig['size']} model ({n_params / 1e6:.1f}M params, {fig['dtype']}) on {fig['device']}, "
-          f"{fig['questions']} questions, {fig['max_new_tokens']} new tokens, greedy")
+          f"{fig['questions']} questions, {fig['max_new_tokens']} new tokens, greedy, {fig['threads']} thread(s)")
     print(f"  one at a time, plain generate : {fig['one_at_a_time_qps']:8.2f} questions/s ({fig['one_at_a_time_s']} s)")
     print(f"  eval vqa, batch {fig['batch_size']:<3}          : {fig['batched_qps']:8.2f} questions/s ({fig['batched_s']} s)")
     print(f"  speedup: {fig['speedup']}x   identical answers: {fig['same_answers']}")

@@ -28,6 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import make_data  # noqa: E402
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny preset on CPU (a smoke run of this script)")
@@ -89,7 +93,7 @@ def main() -> None:
         print(json.dumps(figures, indent=2))
         return
     mem = f"{peak:.1f} GiB" if peak is not None else "n/a"
-    print(f"gpu_train — {figures['device']}: {n_params / 1e9:.2f}B parameters ({result.trainable_params / 1e9:.2f}B "
+    print(f"gpu_train — {figures['device']}: {_count(n_params)} parameters ({_count(result.trainable_params)} "
           f"trained), {figures['precision']}, attention {figures['attention']}, {result.steps} steps × batch "
           f"{args.batch}: {result.tokens_per_s:,.0f} tokens/s, {figures['s_per_step']:.3f} s/step, "
           f"padding {result.padding_share * 100:.1f}%, peak GPU memory {mem}, final loss {result.final_loss:.3f}, "
