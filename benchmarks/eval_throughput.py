@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", choices=["tiny", "0.5b"], default="tiny")
-    ap.add_argument("--questions", type=int, default=None, help="default 96 (tiny) / 64 (0.5b)")
+    ap.add_argument("--questions", type=int, default=None, help="default 192 (tiny) / 64 (0.5b)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -61,7 +61,7 @@ def main() -> None:
     from llavamed_core.eval.answers import VQAEvalConfig, answer_questions, load_image, load_questions
     from llavamed_core.infer import Engine
 
-    n = args.questions or (96 if args.size == "tiny" else 64)
+    n = args.questions or (192 if args.size == "tiny" else 64)
     t0 = time.perf_counter()
     model, processor, dtype = _build(args.size, args.device)
     n_params = sum(p.numel() for p in model.parameters())

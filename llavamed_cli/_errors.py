@@ -26,9 +26,14 @@ class LlavamedGroup(TyperGroup):
     """Root command group whose ``invoke`` turns exceptions into one-line errors."""
 
     def invoke(self, ctx: Any) -> Any:  # noqa: D102 - documented on the class
+        # Our own progress display and one-line errors replace transformers' tqdm bars and
+        # advisory warnings (set before anything imports transformers; LLAVAMED_DEBUG keeps them).
+        if not _debug():
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort):
+        except (typer.Exit, typer.Abort, BrokenPipeError):
             raise
         except LlavamedError as exc:
             if _debug():

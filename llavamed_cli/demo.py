@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,9 +25,11 @@ def demo_command(
 
     cfg = DemoConfig(out=out, quick=quick, seed=seed, overwrite=overwrite)
     _console.info(f"llavamed demo: synthetic data, a tiny model, train align + instruct on the CPU → {out}")
-    _console.info("note: demo hyperparameters (lr 1e-3/2e-3, batch 32, many epochs) suit a tiny model; "
-                  "the paper's recipes are the `llavamed train` defaults")
-    with _console.progress() as cb:
+    _console.info("note: the demo's settings (lr 1e-3 then 2e-3, batch 32, 12 instruct epochs, large synthetic "
+                  "lesions) suit a tiny model; the paper's recipes are the `llavamed train` defaults")
+    # Libraries the training step loads (DeepSpeed's accelerator probe) log to stdout; stdout
+    # carries only the result here.
+    with _console.progress() as cb, contextlib.redirect_stdout(sys.stderr):
         res = run_demo(cfg, progress=cb)
     if json_out:
         _console.print_json(res.to_dict())

@@ -32,9 +32,12 @@ def test_quick_demo_runs_the_pipeline_and_leaves_its_outputs(cli, tmp_path):
     r = cli("eval", "vqa", "--model", out / "checkpoints" / "instruct", "--dataset", out / "data" / "test.json",
             "--out", tmp_path / "again", "--limit", "4", "--json")
     assert r.exit_code == 0, r
-    # A second run does not silently replace the first.
+    # A second run does not silently replace the first; --overwrite does, --json is clean JSON.
     r = cli("demo", "--out", out, "--quick")
     assert r.exit_code == 1 and "not empty" in r.stderr and "--overwrite" in r.stderr
+    r = cli("demo", "--out", out, "--quick", "--overwrite", "--json")
+    assert r.exit_code == 0, r
+    assert json.loads(r.stdout)["after"] == json.loads((out / "demo.json").read_text())["after"]
 
 
 @pytest.mark.slow

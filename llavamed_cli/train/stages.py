@@ -95,6 +95,12 @@ def _build_config(stage: str, typed: dict[str, Any]) -> Any:
     return TrainConfig(stage=stage, **settings)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _run(ctx: typer.Context, stage: str) -> None:
     from llavamed_core.errors import ConfigError, LlavamedError
     from llavamed_core.train.config import plan_batch
@@ -111,14 +117,12 @@ def _run(ctx: typer.Context, stage: str) -> None:
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
         warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if params.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu":
+    if params.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu" or not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it found no GPU
     cfg = _build_config(stage, typed)  # check the options before launching anything
     cfg.check()
     if params.get("gpus"):
-        import torch
-
-        if not torch.cuda.is_available():
+        if not _has_cuda():
             raise ConfigError(f"--gpus {params['gpus']}: no CUDA GPU on this machine",
                               f"use --nproc {params['gpus']} to run that many CPU processes")
     if (nproc > 1 or params.get("nnodes", 1) > 1) and not os.environ.get(LAUNCHED_ENV):

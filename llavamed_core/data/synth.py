@@ -56,8 +56,11 @@ class SynthConfig:
         seed: random seed; the same seed gives byte-identical files.
         size: image side in pixels (square). The tiny model sees 32 px.
         lesion_prob: share of images with a lesion.
-        lesion_amplitude: strength of the lesion (0–255 scale, before the modality's sign).
-        lesion_radius: (min, max) lesion radius in pixels at ``size``.
+        lesion_amplitude: strength of the lesion (a multiple of the modality's colour offset).
+        lesion_radius: (min, max) lesion radius in pixels at ``size``. The defaults are large and
+            strong on purpose: LLaVA's recipe keeps the vision tower frozen, and the tiny model's
+            tower is random, so only a clear spot survives into its features (with amplitude 1
+            and radius 2.5–4 px the tiny model stays at chance).
     """
 
     out: Path
@@ -66,8 +69,8 @@ class SynthConfig:
     seed: int = 0
     size: int = 32
     lesion_prob: float = 0.5
-    lesion_amplitude: float = 1.0
-    lesion_radius: tuple[float, float] = (2.5, 4.0)
+    lesion_amplitude: float = 3.0
+    lesion_radius: tuple[float, float] = (5.0, 7.0)
 
 
 @dataclass

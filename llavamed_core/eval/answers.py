@@ -311,7 +311,13 @@ def _answer_in_process(cfg: VQAEvalConfig, kind: str, todo: list[tuple[int, Ques
                        target: Path, progress: ProgressCallback | None, total: int, already: int,
                        engine: Any = None) -> str:
     """Answer ``todo`` (position, question) into ``target``; returns the model id."""
-    engine = engine if engine is not None else _open_engine(cfg)
+    if engine is None:
+        engine = _open_engine(cfg)
+        try:
+            return _answer_in_process(cfg, kind, todo, images, target, progress, total, already, engine)
+        finally:
+            if hasattr(engine, "close"):
+                engine.close()  # a RemoteEngine's connections
     chunk_size = max(cfg.batch_size * 8, cfg.concurrency * 4, 64)
     done = already
     emit(progress, "answers", done, total, "question")
@@ -341,11 +347,12 @@ def _answer_in_process(cfg: VQAEvalConfig, kind: str, todo: list[tuple[int, Ques
 def _worker_env(k: int, n: int, gpus: int) -> dict[str, str]:
     env = dict(os.environ)
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = str(k)
+        # The k-th GPU of those this process may use (CUDA_VISIBLE_DEVICES="2,3" → "2", "3").
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[k] if k < len(visible) else str(k)
     else:
         threads = max(1, (os.cpu_count() or 1) // n)
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    env["RANK"] = str(k)  # only rank 0 of a distributed run prints
     return env
 
 

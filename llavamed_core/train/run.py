@@ -438,12 +438,13 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
 
     resolved = dataclasses.replace(cfg, epochs=cfg.resolved_epochs(), learning_rate=cfg.resolved_learning_rate(),
                                    global_batch=plan.global_batch, per_device_batch=plan.per_device,
-                                   max_length=max_length, run_dir=cfg.resolved_run_dir, resume=None)
+                                   max_length=max_length, run_dir=cfg.resolved_run_dir, resume=None,
+                                   overwrite=False)  # a rerun from this file must not replace outputs silently
     config_dict = config_to_dict(resolved)
     if world.is_main:
         run_dir = cfg.resolved_run_dir
         if cfg.resume is None and cfg.overwrite:
-            for old in complete_checkpoints(run_dir) + [p for p in run_dir.glob("checkpoint-*") if p.is_dir()]:
+            for old in run_dir.glob("checkpoint-*"):  # --overwrite: start over, not mix with them
                 shutil.rmtree(old, ignore_errors=True)
         atomic_write_json(run_dir / "train_config.json", config_dict)
 
