@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.tiny:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would print that it found no GPU
 
     import torch
     from transformers.utils import logging as hf_logging

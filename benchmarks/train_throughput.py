@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -109,6 +110,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+
+    if args.device == "cpu" or not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would print that it found no GPU
     from transformers.utils import logging as hf_logging
 
     from llavamed_core.model import build_from_preset, save_checkpoint

@@ -30,6 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _one_json(stdout: str, stderr: str) -> dict:
+    try:
+        return json.loads(stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"stdout is not one JSON document:\n{stdout[-2000:]}\n--- stderr:\n{stderr[-2000:]}") from None
+
+
 @pytest.mark.parametrize("mode", [[], ["--deepspeed", "zero2"], ["--deepspeed", "zero3"], ["--fsdp"]],
                          ids=["ddp", "zero2", "zero3", "fsdp"])
 def test_two_processes_write_a_loadable_checkpoint(cli_subprocess, tiny_ckpt, synth_data, tmp_path, mode):
@@ -42,11 +49,11 @@ def test_two_processes_write_a_loadable_checkpoint(cli_subprocess, tiny_ckpt, sy
                        "--max-steps", "2", "--nproc", "2", "--master-port", str(_free_port()), *mode, "--json",
                        env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout)  # one JSON document: only rank 0 printed
+    res = _one_json(r.stdout, r.stderr)  # one JSON document: only rank 0 printed
     assert res["world_size"] == 2 and res["steps"] == 2
     assert res["global_batch"] == 8 and res["per_device_batch"] * res["grad_accum"] == 4
     assert r.stderr.count("[tokenize] 48/48") == 1  # progress from rank 0 only
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert changed_groups(weights(tiny_ckpt), weights(out)) == {
         "projector": True, "language_model": True, "vision_tower": False}
     check_generates(out, synth_data / "images" / "train_00003.png")
@@ -74,7 +81,7 @@ def test_resume_after_sigkill_reaches_the_same_final_step(tiny_ckpt, synth_data,
     resumed = subprocess.run([*args, "--resume", "auto", "--json"], env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    res = json.loads(resumed.stdout)
+    res = _one_json(resumed.stdout, resumed.stderr)
     assert res["steps"] == 30 and res["resumed_from"] is not None
     assert int(res["resumed_from"].rsplit("-", 1)[1]) >= 5
     state = json.loads((tmp_path / "out.run" / "checkpoint-30" / "trainer_state.json").read_text())

@@ -102,6 +102,16 @@ def _has_cuda() -> bool:
 
 
 def _run(ctx: typer.Context, stage: str) -> None:
+    # stdout carries the result alone: whatever libraries print while we import and train
+    # (DeepSpeed logs to the stdout it found when first imported) goes to stderr with the logs.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _launch_or_train(ctx, stage)
+    if result is not None:
+        _render(result, stage, bool(ctx.params.get("json_out")))
+
+
+def _launch_or_train(ctx: typer.Context, stage: str) -> Any:
+    """Train in this process (returns the result on rank 0, else ``None``) or launch torchrun."""
     from llavamed_core.errors import ConfigError, LlavamedError
     from llavamed_core.train.config import plan_batch
     from llavamed_core.train.parallel import LAUNCHED_ENV, LaunchSpec, launch
@@ -139,9 +149,7 @@ def _run(ctx: typer.Context, stage: str) -> None:
 
     hf_logging.disable_progress_bar()  # our progress is the one that counts
     try:
-        # stdout carries the result alone: what libraries print while training (DeepSpeed does)
-        # goes to stderr with the logs.
-        with _console.progress() as progress, contextlib.redirect_stdout(sys.stderr):
+        with _console.progress() as progress:
             result = train(cfg, progress=progress)
     except LlavamedError as exc:
         if not _console.is_rank_zero():
@@ -149,9 +157,12 @@ def _run(ctx: typer.Context, stage: str) -> None:
             time.sleep(3)
             raise typer.Exit(exc.exit_code) from None
         raise
-    if not _console.is_rank_zero():
-        return
-    if params.get("json_out"):
+    return result if _console.is_rank_zero() else None
+
+
+def _render(result: Any, stage: str, json_out: bool) -> None:
+    """The summary table (or ``--json``) on stdout."""
+    if json_out:
         _console.print_json(result.to_dict())
         return
     rows = [["stage", result.stage], ["checkpoint", str(result.out)], ["steps", result.steps],

@@ -288,8 +288,8 @@ def _format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _make_trainer_classes() -> tuple[type, type]:
-    """The Trainer subclass and progress callback (built here so transformers loads lazily)."""
+def _make_trainer_classes() -> tuple[type, type, type]:
+    """The Trainer subclass and its callbacks (built here so transformers loads lazily)."""
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -362,7 +362,18 @@ def _make_trainer_classes() -> tuple[type, type]:
                 emit(self.progress, "train", state.global_step, state.max_steps, unit="step", finished=True,
                      **self.last)
 
-    return LlavaTrainer, ProgressReporter
+    class NoExtraFinalSave(TrainerCallback):
+        """Skip the Trainer's own save at the last step unless it falls on ``save_steps``: the
+        output checkpoint is written by llavamed right after, and for a 7B model the Trainer's
+        copy (weights and optimizer state) would cost minutes and ~100 GB."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            every = state.save_steps
+            if (str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps"
+                    and state.global_step >= state.max_steps and every and state.global_step % every):
+                control.should_save = False
+
+    return LlavaTrainer, ProgressReporter, NoExtraFinalSave
 
 
 def _clean_worker_message(message: str) -> str:
@@ -448,11 +459,11 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
                 shutil.rmtree(old, ignore_errors=True)
         atomic_write_json(run_dir / "train_config.json", config_dict)
 
-    LlavaTrainer, ProgressReporter = _make_trainer_classes()
+    LlavaTrainer, ProgressReporter, NoExtraFinalSave = _make_trainer_classes()
     collator = PaddingCollator(processor.tokenizer.pad_token_id, 8 if device.startswith("cuda") else None)
     trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                            processing_class=processor, lengths=dataset.lengths,
-                           callbacks=[ProgressReporter(progress, plan.global_batch)])
+                           callbacks=[ProgressReporter(progress, plan.global_batch), NoExtraFinalSave()])
     trainer.remove_callback(PrinterCallback)
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
