@@ -44,7 +44,7 @@ def demo_command(
     s = res.sample
     _console.print_table("sample chat answer", ["image", "question", "answer", "truth"],
                          [[Path(s["image"]).name, s["question"], s["answer"], s["truth"]]])
-    _console.print_table("time (s)", list(res.seconds), [list(res.seconds.values())])
+    _console.print_table("time", ["step", "seconds"], [[k.replace("_", " "), v] for k, v in res.seconds.items()])
     p = res.paths
     _console.info("try next:\n"
                   f"  llavamed chat {s['image']} --model {p['instruct']}\n"
