@@ -30,6 +30,18 @@ def _offline(monkeypatch):
     monkeypatch.delenv("LLAVAMED_DEBUG", raising=False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One torch thread in the test process: the tiny model's matrices are too small to gain from
+    two, and on a shared 2-core machine two spinning threads per process slow everything many times."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random Llava checkpoint (preset ``tiny``, seed 0), built once per session.

@@ -22,18 +22,6 @@ from llavamed_core.infer.session import ChatSession, find_image_path
 GREEDY = ["--temperature", "0", "--max-new-tokens", "10"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: the tiny model's matrices are too small to gain from two, and on a
-    shared 2-core machine two spinning threads per process slow everything down many times."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_ckpt) -> Engine:
     return Engine.load(tiny_ckpt)

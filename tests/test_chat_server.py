@@ -26,18 +26,6 @@ from llavamed_core.io import read_jsonl
 KEY = "test-key"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: the tiny model's matrices are too small to gain from two, and on a
-    shared 2-core machine two spinning threads per process slow everything down many times."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,18 +25,6 @@ from llavamed_core.io import read_jsonl
 MAX_NEW = "16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: the tiny model's matrices are too small to gain from two, and on a
-    shared 2-core machine two spinning threads per process slow everything down many times."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _answers(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for obj in read_jsonl(path):

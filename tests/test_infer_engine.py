@@ -22,18 +22,6 @@ QUESTIONS = ["Is there a lesion?", "What is the modality of this image? Describe
              "hi", "Where is the lesion located in this picture, upper left or lower right?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: the tiny model's matrices are too small to gain from two, and on a
-    shared 2-core machine two spinning threads per process slow everything down many times."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _image(seed: int, size=(40, 50)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8"))

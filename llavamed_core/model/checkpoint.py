@@ -25,6 +25,7 @@ __all__ = [
     "build_from_preset",
     "make_processor",
     "save_checkpoint",
+    "save_processor",
     "load_checkpoint",
     "check_checkpoint_dir",
     "hub_key",
@@ -211,15 +212,20 @@ def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrit
         if stops:
             gen.stop_strings = stops
         gen.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        # transformers 4.x reads the image processor from preprocessor_config.json.
-        ip = processor.image_processor.to_dict()
-        ip["image_processor_type"] = ip.get("image_processor_type", "CLIPImageProcessor").replace("Pil", "")
-        ip["processor_class"] = "LlavaProcessor"
-        atomic_write_json(tmp / "preprocessor_config.json", ip)
+        save_processor(processor, tmp)
         for fname, obj in (extra_json or {}).items():
             atomic_write_json(tmp / fname, obj)
     return out
+
+
+def save_processor(processor: Any, out: Path) -> None:
+    """Write the processor (tokenizer, chat template, ``processor_config.json``) and, for
+    transformers 4.x, the image processor alone in ``preprocessor_config.json``."""
+    processor.save_pretrained(out)
+    ip = processor.image_processor.to_dict()
+    ip["image_processor_type"] = ip.get("image_processor_type", "CLIPImageProcessor").replace("Pil", "")
+    ip["processor_class"] = "LlavaProcessor"
+    atomic_write_json(out / "preprocessor_config.json", ip)
 
 
 def _add_legacy_config_fields(path: Path) -> None:

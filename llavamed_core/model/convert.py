@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir
 from ..progress import ProgressCallback
 from .shards import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, CheckpointReader, OutTensor, TensorSpec,
                      write_tensors)
@@ -475,7 +475,7 @@ def _write_side_files(tmp: Path, config: Any, tok: Any, processor: Any, template
     """config, generation config, processor, tokenizer and legacy preprocessor config."""
     from transformers import GenerationConfig
 
-    from .checkpoint import _add_legacy_config_fields
+    from .checkpoint import _add_legacy_config_fields, save_processor
     from .templates import STOP_STRINGS
 
     config.architectures = ["LlavaForConditionalGeneration"]
@@ -486,12 +486,7 @@ def _write_side_files(tmp: Path, config: Any, tok: Any, processor: Any, template
     if STOP_STRINGS.get(template):
         gen.stop_strings = STOP_STRINGS[template]
     gen.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    # transformers 4.x reads the image processor from preprocessor_config.json.
-    ip = processor.image_processor.to_dict()
-    ip["image_processor_type"] = ip.get("image_processor_type", "CLIPImageProcessor").replace("Pil", "")
-    ip["processor_class"] = "LlavaProcessor"
-    atomic_write_json(tmp / "preprocessor_config.json", ip)
+    save_processor(processor, tmp)
 
 
 def convert_source(orig: dict[str, Any], tokenizer_dir: Path, source: Any, cfg: ConvertConfig,
