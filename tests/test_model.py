@@ -121,3 +121,9 @@ def test_weights_init_composes_from_local_llm_and_clip(cli, tmp_path):
     assert torch.equal(model.model.vision_tower.encoder.layers[1].mlp.fc1.weight,
                        vis.encoder.layers[1].mlp.fc1.weight)
     assert proc.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
+
+
+def test_corrupt_weights_are_a_model_error(tiny_ckpt_copy):
+    (tiny_ckpt_copy / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelError, match="could not load the checkpoint"):
+        load_checkpoint(tiny_ckpt_copy)

@@ -325,6 +325,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, dtype: s
     Raises:
         ModelError: not a Llava checkpoint, or it fails to load.
     """
+    from safetensors import SafetensorError
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     path = check_checkpoint_dir(path)
@@ -335,7 +336,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, dtype: s
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype,
                                                               attn_implementation=attn)
         processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ModelError(f"{path}: could not load the checkpoint ({str(exc).splitlines()[0]})",
                          "check that the directory is complete") from None
     return model.to(dev).eval(), processor
