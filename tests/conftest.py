@@ -18,8 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REAL_QA50 = SHARED / "data" / "llava_med_eval_qa50_qa.jsonl"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+REAL_QA50 = TEST_DATA / "llava_med_eval_qa50_qa.jsonl"
 
 
 @pytest.fixture(autouse=True)

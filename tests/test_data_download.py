@@ -22,7 +22,7 @@ import pytest
 from http_fixtures import FileServer
 from llavamed_core.data.manifest import RELEASED_FILES
 
-QA50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "llava_med_eval_qa50_qa.jsonl"
+QA50 = Path(__file__).resolve().parent / "data" / "llava_med_eval_qa50_qa.jsonl"
 
 
 @pytest.fixture(autouse=True)
