@@ -59,6 +59,12 @@ class LlavamedGroup(TyperGroup):
             elif isinstance(exc, OSError) and exc.errno == 28:
                 _console.print_error(f"no space left on device ({exc.filename or ''})",
                                      "free some disk space and rerun; the job resumes")
+            elif isinstance(exc, UnicodeDecodeError):
+                _console.print_error(f"an input file is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                     "save the file as UTF-8 (a UTF-16 or binary file cannot be read)")
+            elif isinstance(exc, RecursionError):
+                _console.print_error("an input is nested too deeply to read",
+                                     "records are flat JSON objects; is this the right file?")
             else:
                 _console.print_error(f"unexpected {type(exc).__name__}: {exc}",
                                      "rerun with LLAVAMED_DEBUG=1 to see the traceback, and "

@@ -5,6 +5,8 @@
   ``/image PATH`` (or a path to an image file typed in a message) attaches an image and starts a
   new conversation about it, ``/reset`` forgets everything, ``/save FILE`` writes the conversation
   as a conversation-format JSON file, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops an answer.
+- DICOM (``.dcm``) and NIfTI (``.nii``, ``.nii.gz``) files are rendered as ``llavamed data view``
+  shows them; ``--window``, ``--frame``, ``--slice``, ``--plane``, ``--volume`` choose how.
 - ``--model CKPT`` runs the model in this process; ``--server URL`` talks to any
   OpenAI-compatible server (``llavamed serve``, vLLM, a hosted model) instead.
 """
@@ -18,7 +20,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import _console
-from ._options import DeviceOpt, DtypeOpt, JsonOpt
+from ._options import (DeviceOpt, DtypeOpt, FrameOpt, JsonOpt, PlaneOpt, SliceOpt, VolumeOpt,
+                       WindowOpt, image_options)
 
 HELP_TEXT = ("Commands: /image PATH (attach an image; starts a new conversation), /reset, "
              "/save FILE, /exit. A path to an image file typed in a message attaches it too.")
@@ -39,6 +42,17 @@ def _open_engine(model: Optional[Path], base: Optional[Path], server: Optional[s
     from llavamed_core.infer import Engine
 
     return Engine.load(model, device=device, dtype=dtype, base=base)
+
+
+def _refuse_image_marker(text: Optional[str], where: str) -> None:
+    """An ``<image>`` typed into a question: the image is attached with IMAGE, not in the text."""
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.records import IMAGE_TOKEN
+
+    if text is not None and IMAGE_TOKEN in text:
+        hint = ("drop '<image>' and pass the image as the IMAGE argument: llavamed chat IMAGE --prompt \"…\""
+                if where == "--prompt" else "drop '<image>'; attach an image with /image PATH")
+        raise ConfigError(f"{where} contains '{IMAGE_TOKEN}': the image is not given in the text", hint)
 
 
 def _repl(session: Any) -> None:
@@ -90,6 +104,7 @@ def _repl(session: Any) -> None:
                 if not rest:
                     continue
                 line = rest
+            _refuse_image_marker(line, "the message")
             dropped = session.dropped
             sys.stdout.write("assistant> ")
             sys.stdout.flush()
@@ -124,6 +139,11 @@ def chat_command(
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.2,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+    window: WindowOpt = None,
+    frame: FrameOpt = None,
+    slice_index: SliceOpt = None,
+    plane: PlaneOpt = "axial",
+    volume: VolumeOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json_out: JsonOpt = False,
@@ -132,14 +152,16 @@ def chat_command(
     from llavamed_core.infer import GenerationParams
     from llavamed_core.infer.session import ChatSession
 
+    _refuse_image_marker(prompt, "--prompt")
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed)
+    view = image_options(window, frame, slice_index, plane, volume)  # DICOM/NIfTI rendering
     if image is not None:
         from llavamed_core.infer.session import load_chat_image
 
-        load_chat_image(image)  # fail before loading the model
+        load_chat_image(image, view)  # fail before loading the model
     engine = _open_engine(model, base, server, api_key, model_name, device, dtype)
-    session = ChatSession(engine, params, system=system)
+    session = ChatSession(engine, params, system=system, image_options=view)
     if image is not None:
         session.attach_image(image)
     if prompt is None:

@@ -16,6 +16,7 @@ __all__ = [
     "LLMError",
     "TrainingError",
     "DependencyError",
+    "StorageError",
     "data_error",
 ]
 
@@ -65,6 +66,18 @@ class TrainingError(LlavamedError):
 
 class DependencyError(LlavamedError):
     """An optional dependency or external program that is not installed."""
+
+
+class StorageError(LlavamedError):
+    """An output that could not be written: the disk (or quota) is full.
+
+    Attributes:
+        path: the destination that was being written.
+        what: ``"no space left on device"`` or ``"disk quota exceeded"``.
+    """
+
+    path: str = ""
+    what: str = "no space left on device"
 
 
 def data_error(path: object, record: object | None, field: str | None, problem: str,

@@ -8,21 +8,32 @@
   half-written last line left by a kill, so a rerun resumes cleanly.
 - :func:`iter_json_array` streams the elements of a huge top-level JSON array without holding the
   text and the parsed list at once.
+- Files and folders made this way get the modes ``open``/``mkdir`` would give them (``0o666`` /
+  ``0o777`` less the umask), not the private ``0600``/``0700`` of ``mkstemp``/``mkdtemp``.
+- A full disk while writing becomes one :class:`~llavamed_core.errors.StorageError` naming the
+  destination; the half-written temporary is removed.
+- :func:`check_out_not_overlapping` refuses an output folder that is, contains or lies inside an
+  input (``--overwrite`` would otherwise delete the input).
+- Readers turn a file that is not UTF-8 (UTF-16, binary) or JSON nested too deeply into a
+  :class:`~llavamed_core.errors.DataError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, data_error
+from .errors import ConfigError, DataError, StorageError, data_error
 
 __all__ = [
     "atomic_write",
@@ -34,7 +45,172 @@ __all__ = [
     "iter_json_array",
     "iter_records",
     "load_json",
+    "current_umask",
+    "check_out_not_overlapping",
+    "check_text_file",
+    "reading",
 ]
+
+_UMASK_LOCK = threading.Lock()
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where ``/proc`` tells it (Linux 4.7+)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with _UMASK_LOCK:  # elsewhere: set and restore (not atomic for other threads creating files)
+        old = os.umask(0o022)
+        os.umask(old)
+    return old
+
+
+def _storage_error(dest: Path, exc: BaseException, inner: str | None = None) -> StorageError | None:
+    """A :class:`StorageError` for a full disk or quota while writing ``dest``, else ``None``.
+
+    ``inner`` names the file inside a folder being built (``model.safetensors``).
+    """
+    if isinstance(exc, StorageError):
+        what = exc.what
+    elif isinstance(exc, OSError) and exc.errno in _FULL_DISK:
+        what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+    else:
+        return None
+    where = f" while writing {inner}" if inner else ""
+    err = StorageError(f"{dest}: {what}{where}; nothing half-written was left",
+                       "free some disk space (or choose another output) and rerun")
+    err.path, err.what = str(dest), what
+    return err
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes ``open``/``mkdir`` would under the umask.
+
+    Some writers ignore the umask (``safetensors`` makes its files 0600), so a folder built by
+    :func:`atomic_dir` is set right as a whole before it is renamed into place. Execute bits
+    that a file has are kept (less the umask); symbolic links are left alone.
+    """
+    mask = current_umask()
+    for dirpath, _subdirs, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                want = (0o777 if st.st_mode & 0o100 else 0o666) & ~mask
+                if stat.S_IMODE(st.st_mode) != want:
+                    os.chmod(p, want)
+
+
+def _relative_name(exc: BaseException, tmp: Path) -> str | None:
+    """The file inside ``tmp`` that an error names, relative to ``tmp`` (for messages)."""
+    name = getattr(exc, "filename", None) or getattr(exc, "path", None)
+    if not name:
+        return None
+    with contextlib.suppress(ValueError):
+        return Path(name).relative_to(tmp).as_posix()
+    return Path(name).name
+
+
+def check_out_not_overlapping(out: str | os.PathLike, inputs: Iterable[tuple[str, Any]],
+                              out_flag: str = "--out") -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs (symlinks resolved).
+
+    Args:
+        out: the output path.
+        inputs: ``(flag, path)`` pairs (``("--src", Path("raw"))``); ``None`` paths are skipped.
+        out_flag: how the output is named in the message.
+
+    Raises:
+        ConfigError: naming both options and both paths.
+    """
+    o = Path(out).expanduser().resolve()
+    for flag, value in inputs:
+        if value is None or str(value) == "":
+            continue
+        i = Path(value).expanduser().resolve()
+        if o == i:
+            relation = f"is the same path as {flag} {value}"
+        elif i in o.parents:
+            relation = f"is inside {flag} {value}"
+        elif o in i.parents:
+            relation = f"contains {flag} {value}"
+        else:
+            continue
+        raise ConfigError(f"{out_flag} {out} {relation}: writing there could destroy the input",
+                          f"choose an {out_flag} apart from {flag} {value}: not the same path, "
+                          "not inside it, not containing it")
+
+
+def _decode_problem(path: Path, exc: UnicodeDecodeError) -> DataError:
+    """A :class:`DataError` for a file that is not UTF-8 text, telling UTF-16 and binary apart."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        head = b""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) > 8 and head[1::2].count(0) > len(head) // 4):
+        kind, hint = "UTF-16 text", f"convert it: iconv -f UTF-16 -t UTF-8 {path} > converted.json"
+    elif b"\x00" in head:
+        kind, hint = "a binary file", "is this the right file? conversation and record files are UTF-8 JSON"
+    else:
+        at = _first_bad_utf8(path)
+        kind = "invalid UTF-8" + (f" at byte {at:,}" if at is not None else "")
+        hint = "save the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+    return data_error(path, None, None, f"not UTF-8 text ({kind})", hint)
+
+
+def _first_bad_utf8(path: Path) -> int | None:
+    """The file offset of the first byte that is not UTF-8, or ``None``."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                pending = len(dec.getstate()[0])
+                try:
+                    dec.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    return offset - pending + exc.start
+                offset += len(chunk)
+    except OSError:
+        return None
+    return None
+
+
+def check_text_file(path: str | os.PathLike) -> None:
+    """Refuse a file whose start holds NUL bytes: UTF-16 without a byte-order mark decodes as
+    "valid" UTF-8 full of NULs, and no JSON text contains one.
+
+    Raises:
+        DataError: naming the file, UTF-16 or binary.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if b"\x00" in head:
+        raise _decode_problem(path, UnicodeDecodeError("utf-8", head, 0, 1, "NUL byte"))
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Turn decoding failures inside the block into a :class:`DataError` naming ``path``.
+
+    A file that is not UTF-8 (``UnicodeDecodeError``) and JSON nested so deeply that the parser
+    runs out of stack (``RecursionError``) are both input problems, not crashes.
+    """
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise _decode_problem(Path(path), exc) from None
+    except RecursionError:
+        raise data_error(path, None, None, "JSON nested too deeply to read",
+                         "records are flat objects; is this the right file?") from None
 
 
 @contextlib.contextmanager
@@ -54,14 +230,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give what open() would
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = _storage_error(path, exc) if isinstance(exc, OSError) else None
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -105,6 +285,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        _apply_umask(tmp)  # mkdtemp makes 0700, safetensors 0600: give what mkdir()/open() would
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -114,8 +295,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _storage_error(path, exc, _relative_name(exc, tmp))
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -164,11 +348,24 @@ class JsonlAppender:
         self._fsync = fsync
 
     def write(self, record: dict) -> None:
-        """Append one record as a line."""
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        if self._fsync:
-            os.fsync(self._fh.fileno())
+        """Append one record as a line.
+
+        Raises:
+            StorageError: the disk is full (the complete lines so far stay; a reopen cuts a partial one).
+        """
+        try:
+            self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._fh.flush()
+            if self._fsync:
+                os.fsync(self._fh.fileno())
+        except OSError as exc:
+            if exc.errno not in _FULL_DISK:
+                raise
+            what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+            err = StorageError(f"{self.path}: {what}; the complete records written so far are kept",
+                               "free some disk space and rerun the same command: it resumes")
+            err.path, err.what = str(self.path), what
+            raise err from None
 
     def close(self) -> None:
         """Close the file."""
@@ -193,7 +390,7 @@ def read_jsonl(path: str | os.PathLike, allow_partial_tail: bool = True) -> Iter
         DataError: a line that is not a JSON object (naming file and line).
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
+    with reading(path), open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -221,7 +418,7 @@ def iter_json_array(path: str | os.PathLike, chunk_size: int = 1 << 20) -> Itera
     """
     path = Path(path)
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as fh:
+    with reading(path), open(path, encoding="utf-8") as fh:
         buf = ""
         pos = 0
         eof = False
@@ -295,8 +492,9 @@ def load_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found", "check the path")
+    check_text_file(path)
     try:
-        with open(path, encoding="utf-8") as fh:
+        with reading(path), open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise data_error(path, f"line {exc.lineno}", None, f"not valid JSON ({exc.msg})") from None
@@ -311,7 +509,8 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found", "check the path")
-    with open(path, encoding="utf-8") as fh:
+    check_text_file(path)
+    with reading(path), open(path, encoding="utf-8") as fh:
         head = fh.read(4096).lstrip("\ufeff \t\r\n")
     if head.startswith("["):
         for i, obj in enumerate(iter_json_array(path)):

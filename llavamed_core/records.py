@@ -1,4 +1,4 @@
-"""Typed records and readers for the file formats of shared/FORMATS.md.
+"""Typed records and readers for the file formats of docs/formats.md.
 
 - Conversation files (alignment, instruct, VQA train/test): a JSON array of
   ``{"id", "image", "conversations"|"conversatons", ...}`` records. Both spellings of the key are
@@ -34,6 +34,9 @@ __all__ = [
     "conversation_to_dict",
     "DOMAINS",
     "first_domain",
+    "image_path_problem",
+    "image_in_folder",
+    "no_records_error",
 ]
 
 IMAGE_TOKEN = "<image>"
@@ -167,6 +170,36 @@ def parse_conversation(obj: Any, path: str | os.PathLike, index: int, require_im
     return Conversation(obj["id"], image, turns, extra, key)
 
 
+def image_path_problem(image: str) -> str | None:
+    """Why ``image`` is not a path inside the images folder (absolute, or ``..``), or ``None``."""
+    p = Path(image)
+    if p.is_absolute() or image.startswith("~"):
+        return f"'{image}' is an absolute path, outside the images folder"
+    if ".." in p.parts:
+        return f"'{image}' goes up with '..', outside the images folder"
+    return None
+
+
+def image_in_folder(images: str | os.PathLike, image: str, path: str | os.PathLike, rid: Any,
+                    field: str = "image") -> Path:
+    """The file of record ``rid``'s ``image`` under ``images``, refusing paths that leave it.
+
+    Raises:
+        DataError: an absolute path or one with ``..`` (file, record and field named).
+    """
+    problem = image_path_problem(image)
+    if problem is not None:
+        raise data_error(path, rid, field, problem,
+                         "image paths are relative to the --images folder; move the file there")
+    return Path(images) / image
+
+
+def no_records_error(path: str | os.PathLike, what: str = "records") -> DataError:
+    """The error for an input file with nothing in it (empty, ``[]``, or only blank lines)."""
+    return DataError(f"{path}: no {what} (the file is empty or an empty list)",
+                     "check that this is the file you meant")
+
+
 def iter_conversations(path: str | os.PathLike, require_image: bool = True,
                        strict: bool = True) -> Iterator[Conversation]:
     """Stream the records of a conversation file (JSON array, or JSONL), checked one by one.
@@ -193,6 +226,8 @@ def load_conversations(path: str | os.PathLike, require_image: bool = True,
             raise data_error(path, conv.id, "id", "duplicate id", "ids must be unique within a file")
         seen.add(sid)
         out.append(conv)
+    if not out:
+        raise no_records_error(path)
     return out
 
 
@@ -253,6 +288,8 @@ def load_qa50(path: str | os.PathLike) -> list[QA50Question]:
         out.append(QA50Question(qid, obj.get("image", ""), obj["text"], obj.get("gpt4_answer", ""),
                                 obj.get("fig_caption", ""), obj.get("in_text_mention"),
                                 obj.get("domain") or {}, obj.get("type", ""), obj))
+    if not out:
+        raise no_records_error(path, "questions")
     return out
 
 

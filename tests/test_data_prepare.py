@@ -1,6 +1,6 @@
 """``llavamed data prepare``: each raw release format, written here as small fixtures, end to end.
 
-Formats (shared/FORMATS.md, "Raw VQA datasets"): VQA-RAD JSON + image folder and Parquet; SLAKE
+Formats (docs/formats.md, "Raw VQA datasets"): VQA-RAD JSON + image folder and Parquet; SLAKE
 train/validate/test JSON + imgs/; PathVQA pickles + images/<split>/ and Parquet. Also: a pickle
 that tries to run code (refused, the code never runs), bad records, size checks, atomic output.
 """

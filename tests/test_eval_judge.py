@@ -178,3 +178,14 @@ def test_failed_requests_are_not_reviews_and_rerun_fills_them(cli, tmp_path):
         res = cli(*gpt_args(srv, answers, out, "--json"))
         assert json.loads(res.stdout)["scored"] == 1
     assert sorted(json.loads(line)["question_id"] for line in out.read_text().splitlines()) == list(range(6))
+
+
+def test_output_that_is_an_input_or_a_directory(cli, tmp_path):
+    answers = write_answers(tmp_path / "answers.jsonl", [1, 2])
+    before = answers.read_bytes()
+    args = ["eval", "gpt-score", "--questions", REAL_QA50, "--answers", answers, "--base-url", "http://127.0.0.1:9"]
+    r = cli(*args, "--output", answers)
+    assert r.exit_code == 1 and "--output" in r.stderr and "is the same path as --answers" in r.stderr
+    assert answers.read_bytes() == before
+    r = cli(*args, "--output", tmp_path)
+    assert r.exit_code == 1 and "is a directory" in r.stderr and "Traceback" not in r.stderr

@@ -45,12 +45,12 @@ EXPECTED_A = {
 }
 
 
-def write_reviews(path: Path, rows) -> Path:
+def write_reviews(path: Path, rows, **extra) -> Path:
     with open(path, "w") as fh:
         for qid, qtype, domain, ref, model in rows:
             fh.write(json.dumps({"question_id": qid, "type": qtype, "domain": domain, "ref_score": ref,
                                  "model_score": model, "scored": ref is not None,
-                                 "review": "x"}) + "\n")
+                                 "review": "x", **extra}) + "\n")
     return path
 
 
@@ -71,12 +71,15 @@ def test_hand_computed_relative_scores(cli, tmp_path):
 
 
 def test_several_files_side_by_side(cli, tmp_path):
-    a = write_reviews(tmp_path / "model_a.jsonl", REVIEWS_A)
+    a = write_reviews(tmp_path / "model_a.jsonl", REVIEWS_A, judge="judge-x", answer_model_id="llava-a")
     b = write_reviews(tmp_path / "model_b.jsonl", [(1, "conversation", dom("chest_xray"), 8, 8),
                                                    (3, "detailed_description", dom("chest_xray"), 4, 2)])
     md = cli("eval", "summarize", a, b, "--format", "markdown")
     assert md.exit_code == 0, md
-    lines = md.stdout.strip().splitlines()
+    prov, scores = md.stdout.strip().split("\n\n")
+    # First, one row per file saying what was judged (unknown for files without provenance).
+    assert prov.splitlines()[2:] == ["| model_a | llava-a | judge-x | - | - |", "| model_b | - | - | - | - |"]
+    lines = scores.splitlines()
     assert lines[0] == ("| bucket | model_a n | model_a ref | model_a model | model_a relative "
                         "| model_b n | model_b ref | model_b model | model_b relative |")
     assert lines[2] == "| Conversation | 2 | 6.00 | 4.50 | 125.00 | 1 | 8.00 | 8.00 | 100.00 |"
@@ -89,10 +92,29 @@ def test_several_files_side_by_side(cli, tmp_path):
     assert len(rows) == 2 * 8
     row = next(r for r in rows if r["label"] == "model_b" and r["bucket"] == "overall")
     assert (row["group"], row["n"], row["relative"]) == ("overall", "2", "75.0")
+    assert all((r["model"], r["judge"]) == ("llava-a", "judge-x") for r in rows if r["label"] == "model_a")
     assert next(r for r in rows if r["label"] == "model_a" and r["bucket"] == "gross")["relative"] == ""
 
     table = cli("eval", "summarize", a, b)
     assert table.exit_code == 0 and "Overall" in table.stdout and "model_b" in table.stdout
+    assert "llava-a" in table.stdout and "judge-x" in table.stdout
+
+
+def test_review_file_mixing_judges_or_models_is_refused(cli, tmp_path):
+    mixed = write_reviews(tmp_path / "mixed.jsonl", REVIEWS_A[:2], judge="judge-x", answer_model_id="llava-a")
+    with open(mixed, "a") as fh:  # a review of another model's answer appended to the same file
+        fh.write(json.dumps({"question_id": 9, "type": "conversation", "domain": dom("mri"), "ref_score": 5,
+                             "model_score": 5, "scored": True, "judge": "judge-x",
+                             "answer_model_id": "llava-b"}) + "\n")
+    res = cli("eval", "summarize", mixed)
+    assert res.exit_code == 1 and "mixes reviews of 2 answer models: llava-a (2), llava-b (1)" in res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    mixed = write_reviews(tmp_path / "judges.jsonl", REVIEWS_A[:1], judge="judge-x")
+    with open(mixed, "a") as fh:
+        fh.write(json.dumps({"question_id": 9, "type": "conversation", "ref_score": 5, "model_score": 5,
+                             "judge": "judge-y"}) + "\n")
+    res = cli("eval", "summarize", mixed, "--format", "csv")
+    assert res.exit_code == 1 and "2 judges: judge-x (1), judge-y (1)" in res.stderr
 
 
 def test_questions_fill_type_and_domain_and_count_missing(cli, tmp_path):

@@ -215,3 +215,35 @@ def test_usage_errors(cli, tiny_ckpt, synth_data, tmp_path):
     assert r.exit_code == 1 and "exactly one of --model and --server" in r.stderr
     r = cli("eval", "vqa", "--answers", tmp_path / "a.jsonl")
     assert r.exit_code == 1 and "--gt" in r.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),  # not "0 = the default"
+    (["--max-new-tokens", "-3"], "--max-new-tokens -3: must be at least 1"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature nan: must be a finite number >= 0"),
+    (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+    (["--gpus", "-1"], "--gpus -1: must be at least 0"),
+    (["--concurrency", "0"], "--concurrency 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+])
+def test_out_of_range_options_are_refused_before_loading(cli, tiny_ckpt, synth_data, tmp_path, extra, message):
+    out = tmp_path / "ev"
+    r = cli("eval", "vqa", "--model", tiny_ckpt, "--dataset", synth_data / "test.json", "--out", out, *extra)
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: {message}"), r
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_out_that_is_a_file_or_overlaps_an_input(cli, tiny_ckpt_copy, synth_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    base = ["eval", "vqa", "--model", tiny_ckpt_copy, "--dataset", data / "test.json", "--limit", "2"]
+    r = cli(*base, "--out", data / "test.json")
+    assert r.exit_code == 1 and "is a file, not a directory" in r.stderr
+    r = cli(*base, "--out", tiny_ckpt_copy / "eval")
+    assert r.exit_code == 1 and "is inside --model" in r.stderr and not (tiny_ckpt_copy / "eval").exists()
+    r = cli(*base, "--out", data)
+    assert r.exit_code == 1 and "contains --dataset" in r.stderr
+    r = cli("eval", "vqa", "--answers", data / "test.json", "--gt", data / "test.json", "--out", data / "test.json")
+    assert r.exit_code == 1 and "is a file, not a directory" in r.stderr and "Traceback" not in r.stderr

@@ -70,7 +70,7 @@ def test_v1_preset_has_exact_single_linear_projector_and_stop_string(tmp_path):
     assert torch.allclose(proj(x), proj.linear_1(x))  # linear_2 is the identity
     save_checkpoint(model, proc, tmp_path / "v1")
     gen = json.loads((tmp_path / "v1" / "generation_config.json").read_text())
-    assert gen["stop_strings"] == ["###"]
+    assert gen["llavamed_stop_strings"] == ["###"] and "stop_strings" not in gen
     assert (tmp_path / "v1" / "chat_template.jinja").read_text() == TEMPLATES["v1"]
 
 

@@ -96,7 +96,8 @@ def test_request_limits(tiny_ckpt, tiny_engine):
                 yield b"y" * 10_000
             yield b'"}]}'
 
-        r = httpx.post(srv.url + "/v1/chat/completions", content=chunked(), timeout=30)
+        r = httpx.post(srv.url + "/v1/chat/completions", content=chunked(), timeout=30,
+                       headers={"Content-Type": "application/json"})
         assert r.status_code == 413
         # Too many images → 400.
         two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": small}},
@@ -134,8 +135,8 @@ class _GatedEngine:
         self.gate = threading.Event()
         self.context_length = engine.context_length
 
-    def count_tokens(self, request):
-        return self.engine.count_tokens(request)
+    def __getattr__(self, name):  # prepare, processor, tokenizer: the real engine's
+        return getattr(self.engine, name)
 
     def generate(self, requests, **kw):
         self.gate.wait(60)
@@ -192,8 +193,8 @@ class _RecordingEngine:
         self.context_length = engine.context_length
         self.finishes: list[str] = []
 
-    def count_tokens(self, request):
-        return self.engine.count_tokens(request)
+    def __getattr__(self, name):  # prepare, processor, tokenizer: the real engine's
+        return getattr(self.engine, name)
 
     def generate(self, requests, **kw):
         results = self.engine.generate(requests, **kw)

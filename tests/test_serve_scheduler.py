@@ -1,6 +1,6 @@
 """The batching scheduler on the real tiny engine: batches fill up to ``max_batch``, results equal
 one-at-a-time generation, the queue is bounded, cancelled jobs are dropped, and failures reach
-exactly the requests they concern."""
+exactly the requests they concern (a failed batch is retried one request at a time)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_queue_is_bounded_and_cancelled_jobs_are_dropped(tiny_engine):
         sched.close()
 
 
-def test_a_failing_batch_fails_its_requests_and_the_check_fails_only_one(tiny_engine):
+def test_a_failing_batch_fails_only_its_bad_request_and_the_check_fails_only_one(tiny_engine):
     from llavamed_core.errors import ConfigError
     from llavamed_core.serve.scheduler import BatchScheduler
 
@@ -112,14 +112,17 @@ def test_a_failing_batch_fails_its_requests_and_the_check_fails_only_one(tiny_en
             assert s.done.wait(60)
         assert [s.kind for s in sinks] == ["done", "error", "done"]
         assert str(sinks[1].outcome) == "prompt too long"
-        # The engine rejects a whole batch (max_new_tokens=0): every request in it gets the error.
+        # The engine rejects the whole batch (max_new_tokens=0 in one row): the batch is run again
+        # one request at a time, so only the bad request gets the error and the other its answer.
         bad = [_Collector(), _Collector()]
         sched.submit(_request(5, max_new_tokens=0), bad[0])
         sched.submit(_request(6), bad[1])
         for s in bad:
             assert s.done.wait(60)
-        assert [s.kind for s in bad] == ["error", "error"]
+        assert [s.kind for s in bad] == ["error", "done"]
         assert isinstance(bad[0].outcome, ConfigError)
+        assert bad[1].outcome.text == tiny_engine.generate([_request(6)])[0].text
+        assert sched.stats.failed_batches == 1 and sched.stats.retried_alone == 2
         # ... and the worker carries on.
         after = _Collector()
         sched.submit(_request(7), after)

@@ -149,7 +149,7 @@ def test_extra_keys_pass_and_jsonl_is_read(cli, tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--qlora"], "--qlora needs a CUDA GPU"),
+    (["--qlora", "--deepspeed", "zero2"], "--qlora with --fsdp/--deepspeed is not supported"),
     (["--gpus", "2"], "no CUDA GPU on this machine"),
     (["--set", "learning_rat=1"], "unknown option 'learning_rat'"),
     (["--deepspeed", "zero9"], "neither zero2, zero3"),

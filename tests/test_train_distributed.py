@@ -1,5 +1,9 @@
-"""Real processes: ``--nproc 2`` under torchrun (gloo) with DDP, DeepSpeed ZeRO-2/3 and FSDP, and
+"""Real processes: ``--nproc 2`` under torchrun (gloo) with DDP, DeepSpeed ZeRO-2/3 and FSDP2, and
 resuming after the training process is killed with SIGKILL.
+
+Each run's mechanism report (what accelerate prepared, ``<run dir>/mechanism.json``) must show the
+mechanism asked for: DDP's wrapper, the DeepSpeed engine at the ZeRO stage asked, FSDP2 units on
+the vision-encoder and decoder layers with every parameter a DTensor shard.
 
 The first DeepSpeed run on a machine compiles DeepSpeed's shared-memory communication op (about a
 minute of CPU, cached in ~/.cache/torch_extensions afterwards); later runs take seconds.
@@ -57,6 +61,21 @@ def test_two_processes_write_a_loadable_checkpoint(cli_subprocess, tiny_ckpt, sy
     assert changed_groups(weights(tiny_ckpt), weights(out)) == {
         "projector": True, "language_model": True, "vision_tower": False}
     check_generates(out, synth_data / "images" / "train_00003.png")
+
+    mech = res["mechanism"]
+    assert mech == json.loads((tmp_path / "out.run" / "mechanism.json").read_text())
+    assert mech["world_size"] == 2
+    if not mode:
+        assert mech["distributed"] == "MULTI_CPU" and mech["wrapper"] == "DistributedDataParallel"
+    elif mode[0] == "--deepspeed":
+        stage = int(mode[1][-1])
+        assert mech["distributed"] == "DEEPSPEED" and mech["wrapper"] == "DeepSpeedEngine"
+        assert mech["zero_stage"] == stage
+        assert (mech["sharded_params"] > 0) == (stage == 3)
+    else:
+        assert mech["distributed"] == "FSDP" and mech["fsdp_version"] == 2
+        assert mech["fsdp_units"]["CLIPEncoderLayer"] == 2 and mech["fsdp_units"]["LlamaDecoderLayer"] == 2
+        assert mech["sharded_params"] == mech["params"]  # every parameter a DTensor shard
 
 
 def test_resume_after_sigkill_reaches_the_same_final_step(tiny_ckpt, synth_data, tmp_path):

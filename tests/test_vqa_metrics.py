@@ -1,6 +1,6 @@
 """VQA metrics: hand-checked cases (the paper's traps included) and property tests.
 
-Every expected value below was worked out by hand from the definitions in shared/FORMATS.md
+Every expected value below was worked out by hand from the definitions in docs/formats.md
 ("The paper's VQA metrics"); the comment beside a case shows the working where it is not obvious.
 """
 

@@ -88,7 +88,7 @@ def test_v1_converts_with_the_original_logits(cli, originals, tmp_path):
     assert cfg["projector_hidden_act"] == "linear" and cfg["vision_feature_layer"] == -2
     assert cfg["vision_feature_select_strategy"] == "default" and cfg["image_seq_length"] == 16
     assert cfg["llavamed"]["template"] == "v1"
-    assert json.loads((out / "generation_config.json").read_text())["stop_strings"] == ["###"]
+    assert json.loads((out / "generation_config.json").read_text())["llavamed_stop_strings"] == ["###"]
     state = all_weights(out)
     original = {}
     for f in originals["v1"].glob("*.bin"):

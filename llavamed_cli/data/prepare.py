@@ -33,6 +33,7 @@ def prepare(
     strict: Annotated[bool, typer.Option("--strict", help="Fail when split counts differ from the published sizes.")] = False,
     max_bad: Annotated[int, typer.Option("--max-bad", help="Bad records to skip (and report) before failing.")] = 0,
     link: Annotated[bool, typer.Option("--link", help="Hard-link images instead of copying them.")] = False,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="Copy images that are symbolic links out of the release's image folder (refused by default).")] = False,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -40,7 +41,8 @@ def prepare(
     from llavamed_core.data.prepare import PrepareConfig, prepare_vqa
 
     cfg = PrepareConfig(dataset=dataset.value, src=src, out=out, lang=lang, strict=strict,
-                        max_bad=max_bad, overwrite=overwrite, link=link)
+                        max_bad=max_bad, overwrite=overwrite, link=link,
+                        follow_symlinks=follow_symlinks)
     with _console.progress() as cb:
         result = prepare_vqa(cfg, progress=cb)
     expected = {(c.split, c.figure): c.expected for c in result.checks}

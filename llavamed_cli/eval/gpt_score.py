@@ -29,6 +29,13 @@ def _ids(ids: list, limit: int = 10) -> str:
     return shown + (f", … ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
+def _made_by(ans: dict) -> str:
+    name = ans.get("model") or "-"
+    if ans.get("model_fingerprint"):
+        return f"{name} (fingerprint {ans['model_fingerprint'][:12]})"
+    return f"{name} at {ans['server']}" if ans.get("server") else name
+
+
 @app.command("gpt-score")
 def gpt_score(
     questions: Annotated[Path, typer.Option("--questions", "-q", help="Chat-benchmark questions (llava_med_eval_qa50_qa.jsonl).")],
@@ -36,6 +43,7 @@ def gpt_score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Reviews JSONL; appended, and a rerun resumes.")],
     judge: Annotated[str, typer.Option("--judge", help="Judge model (Azure: deployment name).")] = "gpt-4o",
     retry_unscored: Annotated[bool, typer.Option("--retry-unscored", help="Ask again for reviews an earlier run recorded as unscored.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the reviews already in --output and start over (needed when the judge, its settings or the answers' model changed).")] = False,
     temperature: TemperatureOpt = 0.2,
     max_tokens: MaxTokensOpt = 1024,
     base_url: BaseUrlOpt = None,
@@ -55,7 +63,7 @@ def gpt_score(
     json_out: JsonOpt = False,
 ) -> None:
     """Score each answer against the reference with an LLM judge (two 1-10 scores per question)."""
-    from llavamed_core.eval.judge import JudgeConfig, score_answers
+    from llavamed_core.eval.judge import JudgeConfig, review_header_path, score_answers
     from llavamed_core.llm import LLMConfig
 
     llm = LLMConfig(model=judge, provider=provider, base_url=base_url, azure_endpoint=azure_endpoint,
@@ -64,7 +72,7 @@ def gpt_score(
                     timeout=timeout, price_in=price_in, price_out=price_out, cache_dir=cache_dir,
                     use_cache=not no_cache)
     cfg = JudgeConfig(questions=questions, answers=answers, output=output, llm=llm,
-                      retry_unscored=retry_unscored)
+                      retry_unscored=retry_unscored, overwrite=overwrite)
     with _console.progress() as cb:
         res = score_answers(cfg, progress=cb)
     if res.missing_answers:
@@ -81,7 +89,10 @@ def gpt_score(
         _console.print_json(res.to_dict())
         return
     rows = [["output", str(res.output)], ["endpoint", f"{res.endpoint['url']} ({res.endpoint['provider']})"],
-            ["judge", judge], ["questions / answers / joined", f"{res.questions} / {res.answers} / {res.joined}"],
+            ["judge", judge],
+            ["answers by", _made_by(res.provenance.get("answers") or {})],
+            ["run (settings in)", f"{res.run_id} ({review_header_path(res.output)})"],
+            ["questions / answers / joined", f"{res.questions} / {res.answers} / {res.joined}"],
             ["already reviewed", res.already_done], ["asked now", res.requested], ["scored", res.scored],
             ["unscored", res.unscored], ["re-asked (unreadable first reply)", res.retried_unparseable],
             ["failed", res.failed]]

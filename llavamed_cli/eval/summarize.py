@@ -24,8 +24,8 @@ def summarize(
 ) -> None:
     """Mean reference/model scores and relative score (mean of per-question ratios x 100) per bucket."""
     from llavamed_core.errors import ConfigError
-    from llavamed_core.eval.summary import (relative_rows, summarize_reviews, summary_rows, to_csv, to_json,
-                                            to_markdown)
+    from llavamed_core.eval.summary import (provenance_rows, relative_rows, summarize_reviews, summary_rows,
+                                            to_csv, to_json, to_markdown)
 
     if fmt not in ("table", "markdown", "csv", "json"):
         raise ConfigError(f"unknown --format '{fmt}'", "use table, markdown, csv or json")
@@ -41,7 +41,12 @@ def summarize(
         _console.out.print(to_csv(summaries), end="", markup=False, highlight=False)
     elif fmt == "markdown":
         _console.out.print(to_markdown(summaries), end="", markup=False, highlight=False)
-    elif len(summaries) == 1:
+    else:
+        cols, rows = provenance_rows(summaries)
+        _console.print_table("what was judged (model answers, judge, runs)", cols, rows)
+    if fmt != "table":
+        return
+    if len(summaries) == 1:
         cols, rows = summary_rows(summaries)
         _console.print_table("chat benchmark (relative = mean of model/ref x 100)", cols, rows)
     else:

@@ -3,7 +3,9 @@
 Two modes:
 
 - generate and score: ``--model CKPT`` (or ``--server URL``) ``--dataset vqa-rad|slake|pathvqa|FILE``
-  ``--out DIR`` writes ``DIR/answers.jsonl`` (resumable) and ``DIR/results.json``;
+  ``--out DIR`` writes ``DIR/run.json`` (the model fingerprint and settings), ``DIR/answers.jsonl``
+  (resumable, only by a run with the same model and settings; ``--overwrite`` starts over) and
+  ``DIR/results.json`` (with that provenance);
 - score only: ``--answers FILE --gt FILE`` for an existing answer file (ours or the original
   scripts'); results.json goes to ``--out`` or beside the answer file.
 """
@@ -16,7 +18,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import _console
-from .._options import DeviceOpt, DtypeOpt, JsonOpt
+from .._options import (DeviceOpt, DtypeOpt, FrameOpt, JsonOpt, PlaneOpt, SliceOpt, VolumeOpt,
+                        WindowOpt, image_options)
 from . import app
 
 
@@ -54,6 +57,12 @@ def vqa(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
     answers: Annotated[Optional[Path], typer.Option("--answers", help="Score this existing answer file (with --gt) instead of generating.")] = None,
     gt: Annotated[Optional[Path], typer.Option("--gt", help="Ground-truth file for --answers.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the answers already in --out and start over (needed when the model or a setting changed; a plain rerun resumes only with the same ones).")] = False,
+    window: WindowOpt = None,
+    frame: FrameOpt = None,
+    slice_index: SliceOpt = None,
+    plane: PlaneOpt = "axial",
+    volume: VolumeOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     json_out: JsonOpt = False,
@@ -66,12 +75,16 @@ def vqa(
             raise ConfigError("scoring an existing file needs both --answers and --gt")
         if model is not None or server is not None or dataset is not None:
             raise ConfigError("--answers/--gt score an existing file; drop --model/--server/--dataset")
-        from llavamed_core.eval.answers import score_answer_file
+        from llavamed_core.eval.answers import answer_file_provenance, score_answer_file
         from llavamed_core.io import atomic_write_json
+
+        if out is not None and out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: is a file, not a directory", "give a directory for results.json")
 
         report = score_answer_file(answers, gt)
         path = (out / "results.json") if out else answers.with_name(answers.stem + ".results.json")
         result = report.to_dict()
+        result["provenance"] = answer_file_provenance(answers)
         atomic_write_json(path, result)
         if json_out:
             _console.print_json(dict(result, results_file=str(path)))
@@ -92,7 +105,8 @@ def vqa(
                         batch_size=batch_size, nproc=nproc, gpus=gpus, limit=limit,
                         closed_suffix=closed_suffix, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed, device=device, dtype=dtype,
-                        dataset_name=dataset)
+                        dataset_name=dataset, overwrite=overwrite,
+                        image_options=image_options(window, frame, slice_index, plane, volume))
     with _console.progress() as cb:
         res = evaluate_vqa(cfg, progress=cb)
     run = res.run
@@ -108,4 +122,9 @@ def vqa(
     else:
         _console.info("no ground truth in this question file (chat benchmark): score the answers "
                       "with `llavamed eval gpt-score`")
+    prov = res.results.get("provenance") or {}
+    m = prov.get("model") or {}
+    made_by = (f"{m.get('name')} (fingerprint {str(m.get('fingerprint'))[:12]})" if m.get("fingerprint")
+               else f"{m.get('name')} at {m['server']}" if m.get("server") else str(m.get("name")))
+    _console.info(f"answers made by {made_by}, run {run.run_id} (settings in {run.answers.parent / 'run.json'})")
     _console.info(f"results: {res.results_path}")

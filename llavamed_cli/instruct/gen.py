@@ -31,6 +31,7 @@ def gen(
     max_size: Annotated[Optional[int], typer.Option("--max-size", help="Figures to take, round-robin across the domain lists (default: all).")] = None,
     inline_mentions: Annotated[bool, typer.Option("--inline-mentions", help="Also show the model the article sentences that mention the figure.")] = False,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Replace the packaged prompt (same layout as llavamed_core/instruct/prompt.md).")] = None,
+    max_failures: Annotated[Optional[int], typer.Option("--max-failures", help="Stop and exit 1 once more than N requests have failed for good (default: no limit; all failing always exits 1).")] = None,
     temperature: TemperatureOpt = 0.7,
     max_tokens: MaxTokensOpt = 1024,
     base_url: BaseUrlOpt = None,
@@ -59,7 +60,7 @@ def gen(
                     timeout=timeout, price_in=price_in, price_out=price_out, cache_dir=cache_dir,
                     use_cache=not no_cache)
     cfg = GenConfig(input=input_path, output=output_path, llm=llm, max_size=max_size,
-                    inline_mentions=inline_mentions, prompt_file=prompt_file)
+                    inline_mentions=inline_mentions, prompt_file=prompt_file, max_failures=max_failures)
     with _console.progress() as cb:
         res = generate_instructions(cfg, progress=cb)
     if res.failed:

@@ -131,10 +131,10 @@ def _launch_or_train(ctx: typer.Context, stage: str) -> Any:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it found no GPU
     cfg = _build_config(stage, typed)  # check the options before launching anything
     cfg.check()
-    if params.get("gpus"):
-        if not _has_cuda():
-            raise ConfigError(f"--gpus {params['gpus']}: no CUDA GPU on this machine",
-                              f"use --nproc {params['gpus']} to run that many CPU processes")
+    if params.get("gpus") and not os.environ.get(LAUNCHED_ENV):
+        from llavamed_core.train.parallel import check_gpu_count
+
+        check_gpu_count(params["gpus"])  # before torchrun: else "invalid device ordinal" in a child
     if (nproc > 1 or params.get("nnodes", 1) > 1) and not os.environ.get(LAUNCHED_ENV):
         plan_batch(cfg.resolved_global_batch(), nproc * params["nnodes"], cfg.per_device_batch,
                    cfg.preset.per_device_batch)  # fails here, once, rather than in every process
@@ -180,6 +180,10 @@ def _render(result: Any, stage: str, json_out: bool) -> None:
         rows.insert(2, ["projector", str(result.projector_path)])
     if result.merged is not None:
         rows.insert(2, ["LoRA", "merged into the checkpoint" if result.merged else "adapter only (--no-merge)"])
+    if result.mechanism:
+        from llavamed_core.train.parallel import describe_mechanism
+
+        rows += [[label, text] for label, text in describe_mechanism(result.mechanism)]
     _console.print_table(f"train {stage}", ["", "value"], rows)
 
 
@@ -198,12 +202,12 @@ def _make_command(stage: str) -> Any:
         max_length: Annotated[Optional[int], typer.Option(help="Longest sample in tokens, image included (default: the model's, at most 2048).")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Random seed (default 42).")] = None,
         lora: Annotated[Optional[bool], typer.Option("--lora", help="Train LoRA adapters on the LM's projections (projector fully).")] = None,
-        qlora: Annotated[Optional[bool], typer.Option("--qlora", help="LoRA on a 4-bit language model (CUDA + bitsandbytes).")] = None,
+        qlora: Annotated[Optional[bool], typer.Option("--qlora", help="LoRA on a 4-bit (NF4) language model; needs bitsandbytes (pip install 'llavamed[qlora]').")] = None,
         merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="After LoRA, write a merged standalone checkpoint (default) or the adapter alone.")] = None,
         lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 128).")] = None,
         lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default 256).")] = None,
-        deepspeed: Annotated[Optional[str], typer.Option(help="DeepSpeed: zero2, zero3 or a JSON config path.")] = None,
-        fsdp: Annotated[Optional[bool], typer.Option("--fsdp", help="Shard with PyTorch FSDP2.")] = None,
+        deepspeed: Annotated[Optional[str], typer.Option(help="DeepSpeed: zero2, zero3 or a JSON config path (also in one process).")] = None,
+        fsdp: Annotated[Optional[bool], typer.Option("--fsdp", help="Shard with PyTorch FSDP2 (vision encoder and decoder layers; also in one process).")] = None,
         gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations to save memory.")] = None,
         report_to: Annotated[Optional[str], typer.Option(help="Log to: none, tensorboard, wandb, … (comma-separated).")] = None,
         resume: Annotated[Optional[str], typer.Option(help="auto (newest checkpoint in the run dir, if any) or a checkpoint directory.")] = None,
@@ -211,6 +215,7 @@ def _make_command(stage: str) -> Any:
         save_steps: Annotated[Optional[int], typer.Option(help="Write a resumable checkpoint every N steps (default 500).")] = None,
         on_long: Annotated[Optional[str], typer.Option(help="Samples over --max-length: truncate (at turn boundaries) or drop.")] = None,
         group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--random-batches", help="Batch samples of similar length (less padding) or at random.")] = None,
+        packing: Annotated[Optional[bool], typer.Option("--packing", help="Put each batch's samples end to end in one row: no padding, attention kept within each sample.")] = None,
         workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: 0 on CPU, 4 on CUDA).")] = None,
         set_items: Annotated[Optional[list[str]], typer.Option("--set", help="key=value for any option or HF TrainingArguments field (repeatable).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options and TrainingArguments fields (e.g. a run's train_config.json).")] = None,

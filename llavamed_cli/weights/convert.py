@@ -31,6 +31,9 @@ def convert_command(
     from llavamed_core.model.convert import ConvertConfig, convert_checkpoint
     from llavamed_core.model.shards import parse_size
 
+    from llavamed_core.io import check_out_not_overlapping
+
+    check_out_not_overlapping(out, [("SRC", src), ("--vision", vision)])
     cfg = ConvertConfig(src=src, out=out, vision=vision, overwrite=overwrite,
                         max_shard_bytes=parse_size(max_shard_size))
     with _console.progress() as cb:

@@ -64,6 +64,9 @@ def apply_delta_command(
     from llavamed_core.model.delta import ApplyDeltaConfig, apply_delta
     from llavamed_core.model.shards import parse_size
 
+    from llavamed_core.io import check_out_not_overlapping
+
+    check_out_not_overlapping(out, [("--base", base), ("--delta", delta), ("--vision", vision)])
     cfg = ApplyDeltaConfig(base=base, delta=delta, out=out, dtype=dtype, to_hf=to_hf, vision=vision,
                            max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
     with _console.progress() as cb:
@@ -85,6 +88,9 @@ def make_delta_command(
     from llavamed_core.model.delta import MakeDeltaConfig, make_delta
     from llavamed_core.model.shards import parse_size
 
+    from llavamed_core.io import check_out_not_overlapping
+
+    check_out_not_overlapping(out, [("--base", base), ("--target", target)])
     cfg = MakeDeltaConfig(base=base, target=target, out=out, dtype=dtype,
                           max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
     with _console.progress() as cb:

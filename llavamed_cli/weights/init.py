@@ -16,8 +16,9 @@ from . import app
 def init(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.")],
     preset: Annotated[Optional[str], typer.Option(help="Build a randomly initialised model from a preset (tiny, llava-med-v1, llava-med-v1.5).")] = None,
-    llm: Annotated[Optional[Path], typer.Option(help="Local causal LM directory to compose from (e.g. Vicuna, Mistral-Instruct).")] = None,
-    vision: Annotated[Optional[Path], typer.Option(help="Local CLIP vision model directory to compose from.")] = None,
+    shrink: Annotated[bool, typer.Option("--shrink", help="With --preset: the preset's exact layout, template, preprocessing and image-token count at tiny sizes (runs on a CPU in seconds).")] = False,
+    llm: Annotated[Optional[Path], typer.Option(help="Causal LM to compose from (e.g. Vicuna, Mistral-Instruct): a directory or a Hub id org/name[@revision].")] = None,
+    vision: Annotated[Optional[Path], typer.Option(help="CLIP vision model to compose from: a directory or a Hub id.")] = None,
     projector: Annotated[str, typer.Option(help="Projector when composing: linear (v1) or mlp2x_gelu (v1.5).")] = "mlp2x_gelu",
     template: Annotated[str, typer.Option(help="Conversation template when composing: v1, v1.5 or tiny.")] = "v1.5",
     seed: SeedOpt = 0,
@@ -29,12 +30,19 @@ def init(
     from llavamed_core.model import build_from_preset, save_checkpoint
     from llavamed_core.model.compose import compose_llava
 
+    from llavamed_core.io import check_out_not_overlapping
+
+    check_out_not_overlapping(out, [("--llm", llm), ("--vision", vision)])
     if (preset is None) == (llm is None and vision is None):
         raise ConfigError("give either --preset or both --llm and --vision",
                           "e.g. `llavamed weights init --preset tiny --out ckpt/tiny`")
+    if shrink and preset is None:
+        raise ConfigError("--shrink needs --preset", "e.g. `llavamed weights init --preset llava-med-v1.5 --shrink --out ckpt/v15-small`")
     if preset is not None:
-        model, processor = build_from_preset(preset, seed=seed)
-        source = f"preset {preset}"
+        from llavamed_core.model.presets import shrink_preset
+
+        model, processor = build_from_preset(shrink_preset(preset) if shrink else preset, seed=seed)
+        source = f"preset {preset}" + (" (shrunk)" if shrink else "")
     else:
         if llm is None or vision is None:
             raise ConfigError("composing needs both --llm and --vision")

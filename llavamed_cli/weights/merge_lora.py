@@ -31,6 +31,9 @@ def merge_lora_command(
     from llavamed_core.model.merge_lora import MergeLoraConfig, merge_lora
     from llavamed_core.model.shards import parse_size
 
+    from llavamed_core.io import check_out_not_overlapping
+
+    check_out_not_overlapping(out, [("--adapter", adapter), ("--base", base)])
     cfg = MergeLoraConfig(adapter=adapter, base=base, out=out, overwrite=overwrite,
                           max_shard_bytes=parse_size(max_shard_size))
     with _console.progress() as cb:

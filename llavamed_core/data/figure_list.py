@@ -1,7 +1,7 @@
 """Read ``llava_med_image_urls.jsonl`` and plan the extraction: one job per article tarball.
 
 Each line names an article package, a member inside it and the figure's ``pair_id``
-(shared/FORMATS.md, "Image URL list")::
+(docs/formats.md, "Image URL list")::
 
     {"pmc_tar_url": "https://ftp.ncbi.nlm.nih.gov/pub/pmc/oa_package/3f/46/PMC7236913.tar.gz",
      "image_file_path": "PMC7236913/nihms-1587931-f0001.jpg", "pair_id": "32432162_F1"}

@@ -1,6 +1,6 @@
 """The released LLaVA-Med data files, and ``MANIFEST.json``: what was downloaded, with its sha256.
 
-:data:`RELEASED_FILES` is the table of shared/FORMATS.md ("Released data files"): each file's path
+:data:`RELEASED_FILES` is the table of docs/formats.md ("Released data files"): each file's path
 under the base URL, the group it belongs to (``alignment``, ``instruct``, ``eval``,
 ``image-urls``) and its published size. The published sizes are rounded (e.g. 341.52 MiB), so they
 serve for the disk-space check and the progress total; the exact size comes from the server's

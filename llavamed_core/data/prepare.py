@@ -5,7 +5,7 @@ run leaves nothing that looks finished):
 
 - ``train.json``, ``test.json`` and ``val.json`` (where the release has a validation split): JSON
   arrays of ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQ"},
-  {"from": "gpt", "value": "A"}], "answer_type", "question_type", ...}`` (shared/FORMATS.md);
+  {"from": "gpt", "value": "A"}], "answer_type", "question_type", ...}`` (docs/formats.md);
 - ``images/``: every image the questions use, copied (or hard-linked with ``link``) from the
   release, or written from the Parquet bytes under a content-hash name;
 - ``prepare.json``: what was read, the split counts, the size check and any skipped records.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, data_error
-from ..io import atomic_dir, atomic_write_json, write_records_json
+from ..io import atomic_dir, atomic_write_json, check_out_not_overlapping, write_records_json
 from ..progress import ProgressCallback, emit
 from .prepare_readers import SPLIT_ORDER, RawQA, find_source, iter_source
 
@@ -40,7 +40,7 @@ DATASETS = ("vqa-rad", "slake", "pathvqa")
 LANGS = ("en", "zh", "all")
 
 PUBLISHED_SIZES: dict[tuple[str, str], dict[str, dict[str, int]]] = {
-    # Test figures (images / QA / open / closed): shared/FORMATS.md, the sizes the LLaVA-Med authors
+    # Test figures (images / QA / open / closed): docs/formats.md, the sizes the LLaVA-Med authors
     # used. Train figures: the same paper's dataset table. Validation and Parquet figures: the
     # releases' own documentation.
     ("vqa-rad", "json"): {
@@ -85,6 +85,9 @@ class PrepareConfig:
     """Replace an existing, non-empty ``out``."""
     link: bool = False
     """Hard-link images instead of copying them (falls back to copying across file systems)."""
+    follow_symlinks: bool = False
+    """Copy images that are symbolic links leading out of the release's image folder (refused by
+    default: a link in a downloaded release could otherwise copy any readable file)."""
 
 
 @dataclass
@@ -300,6 +303,12 @@ class _Writer:
         if not raw.image_path.is_file():
             raise data_error(raw.file, raw.record, "image", f"image file not found: {raw.image_path}",
                              "check that the release's image folder is complete")
+        if raw.image_root is not None and not self.cfg.follow_symlinks:
+            real, root = raw.image_path.resolve(), raw.image_root.resolve()
+            if root not in real.parents:
+                raise data_error(raw.file, raw.record, "image",
+                                 f"{raw.image_path} is a symbolic link to {real}, outside {raw.image_root}",
+                                 "replace the link by the image, or pass --follow-symlinks to copy it anyway")
         try:
             _image_ext(raw.image_path)
         except ValueError as exc:
@@ -340,7 +349,7 @@ def prepare_vqa(cfg: PrepareConfig, progress: ProgressCallback | None = None) ->
         The :class:`PrepareResult` (counts, size checks, skipped records).
 
     Raises:
-        ConfigError: unknown dataset or language.
+        ConfigError: unknown dataset or language; ``out`` is, contains or lies inside ``src``.
         DataError: no release under ``src``; a file that cannot be read (including a pickle that
             names anything but plain data); more bad records than ``max_bad`` (the first beyond
             names file, record and field); with ``strict``, split counts that differ from the
@@ -356,6 +365,7 @@ def prepare_vqa(cfg: PrepareConfig, progress: ProgressCallback | None = None) ->
     if cfg.max_bad < 0:
         raise ConfigError("--max-bad must be 0 or more")
     source = find_source(cfg.dataset, Path(cfg.src))
+    check_out_not_overlapping(cfg.out, [("--src", cfg.src)])  # --overwrite would delete the release
     out = Path(cfg.out)
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         writer = _Writer(cfg, tmp, progress)

@@ -1,4 +1,4 @@
-"""Readers of the raw VQA-RAD, SLAKE and PathVQA releases (shared/FORMATS.md, "Raw VQA datasets").
+"""Readers of the raw VQA-RAD, SLAKE and PathVQA releases (docs/formats.md, "Raw VQA datasets").
 
 Each reader finds its files under ``--src``, says which layout it found, and yields one
 :class:`RawQA` per question (or a :class:`~llavamed_core.errors.DataError` for a record that
@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import DataError, data_error
 from ..io import load_json
+from ..records import no_records_error
 from .prepare_pickle import load_plain_pickle
 
 __all__ = ["RawQA", "Source", "find_source", "iter_source", "SPLIT_ORDER"]
@@ -54,6 +55,8 @@ class RawQA:
         image_name: output path of the image under ``images/`` (file sources).
         image_path: the source image file (file sources).
         image_bytes: the encoded image (Parquet sources).
+        image_root: the release's image folder (file sources); an image whose real path (symbolic
+            links followed) leaves it is refused unless ``follow_symlinks``.
     """
 
     split: str
@@ -69,6 +72,7 @@ class RawQA:
     image_name: str | None = None
     image_path: Path | None = None
     image_bytes: bytes | None = None
+    image_root: Path | None = None
 
 
 @dataclass
@@ -189,6 +193,8 @@ def _json_list(path: Path) -> list:
     data = load_json(path)
     if not isinstance(data, list):
         raise data_error(path, None, None, f"expected a JSON list of records, found {type(data).__name__}")
+    if not data:
+        raise no_records_error(path)
     return data
 
 
@@ -222,7 +228,7 @@ def _iter_vqa_rad_json(path: Path) -> Iterator[RawQA | DataError]:
             answer=rec.get("answer"), answer_type=rec.get("answer_type"),
             question_type=qt.strip().upper() if isinstance(qt, str) and qt.strip() else None,
             extra={k: rec[k] for k in ("image_organ",) if rec.get(k) is not None},
-            image_name=name, image_path=images / name if name else None)
+            image_name=name, image_path=images / name if name else None, image_root=images)
 
 
 def _iter_slake(path: Path, split: str, root: Path) -> Iterator[RawQA | DataError]:
@@ -240,7 +246,8 @@ def _iter_slake(path: Path, split: str, root: Path) -> Iterator[RawQA | DataErro
             answer=rec.get("answer"), answer_type=rec.get("answer_type"),
             question_type=rec.get("content_type") or None,
             lang=str(lang).strip().lower() if lang is not None else None, extra=extra,
-            image_name=name, image_path=root / "imgs" / name if name else None)
+            image_name=name, image_path=root / "imgs" / name if name else None,
+            image_root=root / "imgs")
 
 
 def _find_image(root: Path, split: str, name: str) -> Path | None:
@@ -265,6 +272,8 @@ def _iter_pathvqa_pickle(path: Path, split: str, root: Path) -> Iterator[RawQA |
                          "PathVQA question pickles hold a list of {image, question, answer}")
     if not isinstance(data, (list, tuple)):
         raise data_error(path, None, None, f"expected a list of records, found {type(data).__name__}")
+    if not data:
+        raise no_records_error(path)
     # The release keeps images/ beside qas/ (split/qas/train/train_qa.pkl, split/images/train/).
     image_root = next((d for d in [path.parent, *path.parents] if (d / "images").is_dir()
                        and (d == root or root in d.parents)), root)
@@ -278,7 +287,7 @@ def _iter_pathvqa_pickle(path: Path, split: str, root: Path) -> Iterator[RawQA |
         yield RawQA(split=split, file=str(path), record=f"#{i}", id=f"{split}-{i:05d}",
                     question=rec.get("question"), answer=rec.get("answer"),
                     image_name=out_name, image_path=found if found else
-                    (image_root / "images" / split / name if name else None))
+                    (image_root / "images" / split / name if name else None), image_root=image_root)
 
 
 def _iter_parquet(path: Path, split: str, start: int) -> Iterator[RawQA | DataError]:

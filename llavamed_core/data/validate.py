@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import DataError
 from ..io import iter_records
 from ..progress import ProgressCallback, emit
-from ..records import IMAGE_TOKEN, parse_conversation
+from ..records import IMAGE_TOKEN, image_path_problem, no_records_error, parse_conversation
 
 __all__ = ["Problem", "ValidationReport", "validate_conversations", "check_image"]
 
@@ -83,16 +83,20 @@ def _kind_of(message: str) -> str:
 
 
 def check_image(path: Path) -> str | None:
-    """``None`` when the image exists and decodes, else the problem kind and message."""
-    from PIL import Image, UnidentifiedImageError
+    """``None`` when the image exists and decodes, else the problem kind and message.
+
+    DICOM and NIfTI files are rendered as training renders them (their own window, middle frame
+    or slice): a truncated file, one without pixel data or a 4-D volume is a problem.
+    """
+    from ..errors import LlavamedError
+    from ..images import load_image
 
     if not path.is_file():
         return "image-missing:file not found"
     try:
-        with Image.open(path) as im:
-            im.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        return f"image-corrupt:does not decode ({str(exc).splitlines()[0][:120]})"
+        load_image(path)
+    except LlavamedError as exc:
+        return f"image-corrupt:does not decode ({exc.message.removeprefix(f'{path}: ')[:160]})"
     return None
 
 
@@ -115,7 +119,8 @@ def validate_conversations(path: str | os.PathLike, images: str | os.PathLike | 
         The report; the caller decides the exit status.
 
     Raises:
-        DataError: the file itself cannot be read (not JSON, missing).
+        DataError: the file itself cannot be read (not JSON, missing, not UTF-8) or holds no
+            record (empty, ``[]``).
     """
     path = Path(path)
     report = ValidationReport(path)
@@ -136,13 +141,20 @@ def validate_conversations(path: str | os.PathLike, images: str | os.PathLike | 
             report.problems.append(Problem("duplicate-id", conv.id, f"{path}, record {conv.id}: duplicate id"))
             bad.add(i)
         seen.add(str(conv.id))
-        if images is not None and conv.image:
+        outside = image_path_problem(conv.image) if conv.image else None
+        if outside is not None:
+            report.problems.append(Problem("image-path", conv.id,
+                                           f"{path}, record {conv.id}, field 'image': {outside}"))
+            bad.add(i)
+        elif images is not None and conv.image:
             image_jobs.append((i, conv.id, Path(images) / conv.image))
         if processor is not None:
             length_jobs.append((i, conv))
         if i % 1000 == 0:
             emit(progress, "validate", i + 1, None, unit="record")
     report.records = i + 1
+    if report.records == 0:
+        raise no_records_error(path)
 
     if image_jobs:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

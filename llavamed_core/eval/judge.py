@@ -11,26 +11,37 @@ Reviews are JSONL, appended as they arrive and resumed by ``question_id``. Each 
 ``eval summarize`` needs: ``question_id``, ``type``, ``domain`` (the five flags) and
 ``domain_bucket`` (the first true of chest_xray, mri, histology, gross, ct_scan), ``ref_score``,
 ``model_score`` (``null`` when unscored), ``scored`` and the judge's text in ``review``.
+
+Provenance: ``NAME.run.json`` beside ``NAME.jsonl`` records, before the first review, what decides
+the reviews: the judge model, the hash of the judge prompt, temperature, max tokens, the question
+file's sha256, which answers are judged (the answer file's run id, or its ``model_id`` for a file of
+another tool) and the llavamed version; plus, for readers, the answers' model name and fingerprint
+(from the ``run.json`` beside the answer file). Every review carries that header's ``run_id``. A
+rerun with another judge, prompt or answer model is refused (``--overwrite`` starts over), so one
+review file never mixes judges or models. A resumed review must also still match its answer
+(``answer_id``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, data_error
+from ..errors import ConfigError, DataError, data_error
 from ..instruct.prompt import mention_texts
-from ..io import JsonlAppender, atomic_write, read_jsonl
+from ..io import JsonlAppender, atomic_write, atomic_write_json, read_jsonl
 from ..llm import LLMClient, LLMConfig, LLMRequestFailed, run_concurrent
 from ..progress import ProgressCallback, emit
-from ..records import IMAGE_TOKEN, QA50Question, first_domain, load_answers, load_qa50
+from ..records import IMAGE_TOKEN, Answer, QA50Question, first_domain, load_answers, load_qa50
 
 __all__ = ["JudgeConfig", "JudgeResult", "judge_messages", "parse_scores", "score_answers",
-           "JUDGE_SYSTEM"]
+           "JUDGE_SYSTEM", "review_header_path"]
 
 JUDGE_SYSTEM = ("You are a careful and impartial reviewer of answers to questions about biomedical "
                 "images. You judge accuracy against the figure's description and clinical knowledge.")
@@ -60,6 +71,8 @@ class JudgeConfig:
     """The judge endpoint; ``llm.model`` is the judge model."""
     retry_unscored: bool = False
     """Ask again for questions recorded as unscored by an earlier run."""
+    overwrite: bool = False
+    """Delete the reviews already in ``output`` (and its run header) and start over."""
 
 
 @dataclass
@@ -82,6 +95,8 @@ class JudgeResult:
     usage: dict[str, Any] = field(default_factory=dict)
     endpoint: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    run_id: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -148,6 +163,78 @@ def _fail_path(output: Path) -> Path:
     return output.with_name(f"{output.stem}.failures.jsonl")
 
 
+def review_header_path(output: str | os.PathLike) -> Path:
+    """The run header beside a review file: ``reviews.jsonl`` → ``reviews.run.json``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.run.json")
+
+
+def _review_provenance(cfg: JudgeConfig, answers: list[Answer]) -> dict[str, Any]:
+    """The run header of a review file (see the module notes).
+
+    Raises:
+        ConfigError: the answer file mixes runs or models.
+    """
+    from .answers import answer_file_provenance
+    from .provenance import file_sha256, llavamed_version, make_header
+
+    head = answer_file_provenance(cfg.answers)  # refuses an answer file that mixes runs or models
+    model_id = next((a.model_id for a in answers if a.model_id), "")
+    rid = next((str(a.metadata["run_id"]) for a in answers if (a.metadata or {}).get("run_id")), "")
+    model = (head or {}).get("model") or {}
+    prompt = hashlib.sha256(f"{JUDGE_SYSTEM}\0{_INSTRUCTIONS}".encode()).hexdigest()
+    checked = {"judge": cfg.llm.model, "judge_prompt_sha256": prompt,
+               "temperature": cfg.llm.temperature, "max_tokens": cfg.llm.max_tokens,
+               "questions_sha256": file_sha256(cfg.questions),
+               "answers": f"run {rid}" if rid else f"model_id {model_id!r}",
+               "llavamed_version": llavamed_version()}
+    return make_header(checked, {
+        "judge": {"model": cfg.llm.model, "provider": cfg.llm.provider, "temperature": cfg.llm.temperature,
+                  "max_tokens": cfg.llm.max_tokens, "prompt_sha256": prompt},
+        "questions": {"path": str(Path(cfg.questions).resolve()), "sha256": checked["questions_sha256"]},
+        "answers": {"path": str(Path(cfg.answers).resolve()), "run_id": rid or None,
+                    "model_id": model_id or None, "model": model.get("name") or model_id or None,
+                    "model_fingerprint": model.get("fingerprint"), "server": model.get("server"),
+                    "settings": (head or {}).get("checked")},
+        "llavamed_version": checked["llavamed_version"],
+    })
+
+
+def _check_review_resume(output: Path, header: dict[str, Any], existing: list[dict],
+                         answers: dict[str, Answer]) -> None:
+    """Refuse to extend reviews made by another judge, prompt or answer model.
+
+    Raises:
+        ConfigError: the header's checked settings differ (each difference named), there is no
+            header and the reviews carry no matching run id, or a review's answer has changed.
+    """
+    from .provenance import differences, mismatch_error, read_header
+
+    if not existing:
+        return
+    hpath = review_header_path(output)
+    hint = "pass --overwrite to delete these reviews and start over, or choose another --output"
+    old = read_header(hpath)
+    if old is None:
+        if {str(r.get("run_id")) for r in existing} != {header["run_id"]}:
+            raise ConfigError(f"{output}: holds {len(existing)} review(s) but no {hpath.name} records which "
+                              "judge, prompt and answers made them, so this run cannot tell whether it "
+                              "may add to them", hint)
+    elif old["checked"] != header["checked"]:
+        raise mismatch_error(str(output), len(existing), hpath, differences(old["checked"], header["checked"]),
+                             hint)
+    for r in existing:
+        if r.get("run_id") != header["run_id"]:
+            raise data_error(output, r.get("question_id"), "run_id",
+                             f"{r.get('run_id')!r} is not this file's run ({header['run_id']}): the file "
+                             "mixes reviews of different runs", hint)
+        ans = answers.get(str(r.get("question_id")))
+        if ans is not None and r.get("answer_id") and ans.answer_id and r["answer_id"] != ans.answer_id:
+            raise data_error(output, r.get("question_id"), "answer_id",
+                             f"reviewed answer {r['answer_id']}, but {ans.answer_id} is now the answer in "
+                             "the answer file: the answers changed since these reviews", hint)
+
+
 def _existing_reviews(output: Path, retry_unscored: bool) -> set[str]:
     """Ids already reviewed; with ``retry_unscored`` the unscored ones are removed from the file."""
     if not output.exists():
@@ -188,6 +275,11 @@ def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
         LLMError: credentials refused, unknown judge model, or too many failures in a row.
     """
     cfg.llm.check()
+    from ..io import check_out_not_overlapping
+
+    if Path(cfg.output).is_dir():
+        raise ConfigError(f"--output {cfg.output}: is a directory", "give the review file's path, e.g. reviews.jsonl")
+    check_out_not_overlapping(cfg.output, [("--questions", cfg.questions), ("--answers", cfg.answers)], "--output")
     questions = load_qa50(cfg.questions)
     answers = {str(a.question_id): a for a in load_answers(cfg.answers)}
     qids = {str(q.question_id) for q in questions}
@@ -203,13 +295,21 @@ def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
         except ValueError as exc:
             raise data_error(cfg.questions, q.question_id, "in_text_mention", str(exc)) from None
     output = Path(cfg.output)
+    header = _review_provenance(cfg, list(answers.values()))
+    hpath = review_header_path(output)
+    if cfg.overwrite:
+        for p in (output, hpath):
+            p.unlink(missing_ok=True)
+    existing = list(read_jsonl(output)) if output.exists() else []
+    _check_review_resume(output, header, existing, answers)
     done = _existing_reviews(output, cfg.retry_unscored)
     todo = [q for q in joined if str(q.question_id) not in done]
     own_client = client is None
     client = client or LLMClient(cfg.llm)
     res = JudgeResult(output, len(questions), len(answers), len(joined), len(joined) - len(todo),
                       len(todo), missing_answers=missing, unknown_answers=unknown,
-                      endpoint={**client.endpoint.describe(), "model": cfg.llm.model})
+                      endpoint={**client.endpoint.describe(), "model": cfg.llm.model},
+                      run_id=header["run_id"], provenance=header)
     start = time.monotonic()
 
     def judge(q: QA50Question) -> tuple[tuple[float, float] | None, str, int]:
@@ -236,6 +336,8 @@ def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
         pass  # the failures file describes the latest run only
     try:
         report()
+        if not existing or not hpath.exists():
+            atomic_write_json(hpath, header)  # before the first review
         with JsonlAppender(output) as out, JsonlAppender(fail_path) as failures:
             for q, r in run_concurrent(judge, todo, cfg.llm.concurrency, cfg.llm.max_consecutive_failures):
                 if isinstance(r, LLMRequestFailed):
@@ -251,7 +353,8 @@ def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
                 rec = {"question_id": q.question_id, "pair_id": q.raw.get("pair_id"), "type": q.type,
                        "domain": q.domain, "domain_bucket": first_domain(q.domain),
                        "judge": cfg.llm.model, "answer_model_id": ans.model_id,
-                       "answer_id": ans.answer_id,
+                       "answer_id": ans.answer_id, "run_id": header["run_id"],
+                       "answer_run_id": (ans.metadata or {}).get("run_id"),
                        "ref_score": scores[0] if scores else None,
                        "model_score": scores[1] if scores else None,
                        "scored": scores is not None, "review": text, "judge_tries": tries}

@@ -1,4 +1,4 @@
-"""The answer normaliser of the LLaVA-Med paper's VQA evaluation (shared/FORMATS.md).
+"""The answer normaliser of the LLaVA-Med paper's VQA evaluation (docs/formats.md).
 
 Both the ground truth and the prediction pass through :func:`normalize_answer` before any metric
 is computed. It reproduces the original batch evaluator's normaliser (itself derived from the VQA

@@ -13,6 +13,11 @@ the original tools (``tuple`` = [ref, model], ``category``) are read as well. ``
 qa50 file) supplies type and domain by ``question_id`` when given, and the count of questions
 without a review. A review with a missing or negative score, or a reference score of 0 (no ratio),
 counts as unscored.
+
+Provenance: each file's column says which model's answers were judged, by which judge: from the
+review file's run header (``NAME.run.json``, written by ``eval gpt-score``: the answers' model name
+and fingerprint) or else from the reviews (``answer_model_id``, ``judge``). A file whose reviews
+mix judges, answer models or runs is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from ..io import iter_records
 from ..records import DOMAINS, first_domain, load_qa50
 
 __all__ = ["BUCKET_LABELS", "BucketStats", "ReviewSummary", "ReviewRow", "load_reviews",
-           "summarize_reviews", "summary_rows", "relative_rows", "to_csv", "to_markdown", "to_json"]
+           "summarize_reviews", "summary_rows", "relative_rows", "to_csv", "to_markdown", "to_json",
+           "review_file_provenance", "provenance_rows", "model_label"]
 
 TYPES = ("conversation", "detailed_description")
 BUCKET_LABELS = {"conversation": "Conversation", "detailed_description": "Description",
@@ -80,11 +86,13 @@ class ReviewSummary:
     buckets: dict[str, BucketStats] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)
     """bucket name → ``type``, ``domain`` or ``overall``."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """``model``, ``model_fingerprint``, ``judge``, ``answers_run_id``, ``run_id`` (``None`` when unknown)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {"path": self.path, "label": self.label, "reviews": self.reviews, "scored": self.scored,
-                "unscored": self.unscored, "missing": self.missing,
+                "unscored": self.unscored, "missing": self.missing, "provenance": self.provenance,
                 "buckets": {k: {"group": self.groups[k], **v.to_dict()} for k, v in self.buckets.items()}}
 
 
@@ -142,6 +150,56 @@ def load_reviews(path: str | os.PathLike, questions: dict[str, tuple[str, str | 
     return rows
 
 
+def review_file_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """Which model's answers a review file judges, and by which judge (see the module notes).
+
+    Raises:
+        DataError: the reviews mix judges, answer models or runs, or disagree with the run header.
+    """
+    from .provenance import read_header
+
+    path = Path(path)
+    head = read_header(path.with_name(f"{path.stem}.run.json")) or {}
+    seen: dict[str, dict[str, int]] = {"judge": {}, "answer_model_id": {}, "answer_run_id": {}, "run_id": {}}
+    for rec in iter_records(path):
+        for k, counts in seen.items():
+            v = rec.get(k)
+            if v not in (None, ""):
+                counts[str(v)] = counts.get(str(v), 0) + 1
+    hint = "score each model's answers with one judge into its own review file (`eval gpt-score --output`)"
+    for k, what in (("judge", "judges"), ("answer_model_id", "answer models"), ("answer_run_id", "answer runs"),
+                    ("run_id", "gpt-score runs")):
+        if len(seen[k]) > 1:
+            shown = ", ".join(f"{v} ({n})" for v, n in sorted(seen[k].items()))
+            raise DataError(f"{path}: mixes reviews of {len(seen[k])} {what}: {shown}", hint)
+    one = {k: next(iter(v), None) for k, v in seen.items()}
+    if head and one["run_id"] and head.get("run_id") != one["run_id"]:
+        raise DataError(f"{path}: its reviews' run id {one['run_id']} is not the one in its run header "
+                        f"({head.get('run_id')})", hint)
+    ans = head.get("answers") or {}
+    return {"model": ans.get("model") or one["answer_model_id"],
+            "model_fingerprint": ans.get("model_fingerprint"),
+            "judge": (head.get("judge") or {}).get("model") or one["judge"],
+            "answers_run_id": ans.get("run_id") or one["answer_run_id"],
+            "run_id": head.get("run_id") or one["run_id"]}
+
+
+def model_label(prov: dict[str, Any]) -> str:
+    """``name (fingerprint 12 hex)``, or the name alone, or ``-``."""
+    name = prov.get("model") or "-"
+    fp = prov.get("model_fingerprint")
+    return f"{name} ({fp[:12]})" if fp else name
+
+
+def provenance_rows(summaries: list[ReviewSummary]) -> tuple[list[str], list[list[Any]]]:
+    """One row per review file: its label, the answers' model (name and short fingerprint), the judge
+    and the run ids."""
+    cols = ["file", "model (fingerprint)", "judge", "answers run", "reviews run"]
+    rows = [[s.label, model_label(s.provenance), s.provenance.get("judge") or "-",
+             s.provenance.get("answers_run_id") or "-", s.provenance.get("run_id") or "-"] for s in summaries]
+    return cols, rows
+
+
 def _bucket(rows: list[ReviewRow]) -> BucketStats:
     scored = [r for r in rows if r.ref is not None]
     b = BucketStats(n=len(scored), unscored=len(rows) - len(scored))
@@ -184,7 +242,8 @@ def summarize_reviews(paths: list[str | os.PathLike], questions: str | os.PathLi
     for p, label, rows in zip(ps, _labels(ps), loaded):
         s = ReviewSummary(str(p), label, len(rows), sum(r.ref is not None for r in rows),
                           sum(r.ref is None for r in rows),
-                          None if qmap is None else len(set(qmap) - {str(r.question_id) for r in rows}))
+                          None if qmap is None else len(set(qmap) - {str(r.question_id) for r in rows}),
+                          provenance=review_file_provenance(p))
         for group, name in order:
             sel = rows if group == "overall" else [r for r in rows if getattr(r, group) == name]
             s.buckets[name] = _bucket(sel)
@@ -232,10 +291,14 @@ def _fmt(v: Any) -> str:
 
 
 def to_markdown(summaries: list[ReviewSummary]) -> str:
-    """GitHub Markdown table (buckets as rows, files as column groups)."""
+    """GitHub Markdown: the provenance table (one row per file), then the scores (buckets as rows,
+    files as column groups)."""
+    pcols, prows = provenance_rows(summaries)
+    lines = ["| " + " | ".join(pcols) + " |", "|" + "|".join(["---"] * len(pcols)) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in prows]
     cols, rows = summary_rows(summaries)
-    lines = ["| " + " | ".join(cols) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    lines += ["", "| " + " | ".join(cols) + " |",
+              "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -244,11 +307,14 @@ def to_csv(summaries: list[ReviewSummary]) -> str:
     """Long-format CSV: one line per file and bucket."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["file", "label", "group", "bucket", "n", "unscored", "mean_ref", "mean_model", "relative"])
+    w.writerow(["file", "label", "model", "model_fingerprint", "judge", "group", "bucket", "n", "unscored",
+                "mean_ref", "mean_model", "relative"])
     for s in summaries:
+        p = s.provenance
         for name, b in s.buckets.items():
             d = b.to_dict()
-            w.writerow([s.path, s.label, s.groups[name], name, d["n"], d["unscored"],
+            w.writerow([s.path, s.label, p.get("model") or "", (p.get("model_fingerprint") or "")[:12],
+                        p.get("judge") or "", s.groups[name], name, d["n"], d["unscored"],
                         "" if d["mean_ref"] is None else d["mean_ref"],
                         "" if d["mean_model"] is None else d["mean_model"],
                         "" if d["relative"] is None else d["relative"]])

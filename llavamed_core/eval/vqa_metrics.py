@@ -1,7 +1,7 @@
 """VQA metrics: the LLaVA-Med paper's numbers, reproduced exactly, beside stricter ones.
 
 The paper's VQA-RAD / SLAKE / PathVQA numbers come from the original batch evaluator
-(shared/FORMATS.md, "The paper's VQA metrics"). This module computes those (named ``paper_*``)
+(docs/formats.md, "The paper's VQA metrics"). This module computes those (named ``paper_*``)
 and, side by side, metrics that do not reward rambling:
 
 =========================  ========  =================================================================

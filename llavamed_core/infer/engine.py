@@ -10,7 +10,9 @@ a manual decode loop over a KV cache:
 - text is streamed per row as tokens arrive (``on_delta``); a row can be cancelled
   (``should_stop``), and finished rows leave the batch (the cache drops them);
 - position ids follow the attention mask, so a left-padded row computes exactly what it would
-  alone: batched greedy output equals one-at-a-time greedy output.
+  alone: batched greedy output equals one-at-a-time greedy output;
+- :meth:`Engine.prepare` renders, tokenises and image-processes a request in any thread (on its
+  own copy of the processor), so a server can do that work outside the generation thread.
 
 Use::
 
@@ -24,8 +26,10 @@ Use::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -37,7 +41,9 @@ from ..errors import ConfigError, DataError, DependencyError, ModelError
 from ..progress import ProgressCallback, emit
 
 __all__ = ["GenerationParams", "ChatRequest", "GenerationResult", "Engine", "is_adapter_dir",
-           "request_images"]
+           "request_images", "PreparedPrompt"]
+
+_SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -61,6 +67,20 @@ class GenerationParams:
 
 
 @dataclass
+class PreparedPrompt:
+    """A request rendered, tokenised and image-processed ahead of generation (:meth:`Engine.prepare`).
+
+    Attributes:
+        input_ids: the prompt's token ids, each image placeholder expanded to the image's tokens,
+            unpadded.
+        tensors: the processor's other outputs for this request (``pixel_values``, on the CPU).
+    """
+
+    input_ids: list[int]
+    tensors: dict = field(default_factory=dict)
+
+
+@dataclass
 class ChatRequest:
     """One conversation to answer.
 
@@ -68,10 +88,14 @@ class ChatRequest:
         messages: transformers chat messages; ``content`` is a string or a list of parts
             ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": PIL.Image.Image}``.
         params: generation parameters.
+        prepared: the request already prepared by :meth:`Engine.prepare`; :meth:`Engine.generate`
+            then neither renders, tokenises nor processes images for it (and ignores the images
+            in ``messages``).
     """
 
     messages: list[dict]
     params: GenerationParams = field(default_factory=GenerationParams)
+    prepared: PreparedPrompt | None = None
 
 
 @dataclass
@@ -124,6 +148,15 @@ def _template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+def _resolve_base(base: Path | None) -> Path | None:
+    """An adapter's base as a local directory: a path, or a Hub id fetched (``None`` if neither)."""
+    from ..model.hub import parse_hub_id, resolve_model
+
+    if base is None or base.is_dir() or parse_hub_id(str(base)) is None:
+        return base
+    return resolve_model(base, "--base")
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     """True when ``path`` is a PEFT adapter directory (has ``adapter_config.json``)."""
     return (Path(path) / "adapter_config.json").is_file()
@@ -166,6 +199,8 @@ class Engine:
 
     def __init__(self, model: Any, processor: Any, model_name: str = "model",
                  path: str | os.PathLike | None = None):
+        from ..model.compat import stop_settings
+
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -177,16 +212,16 @@ class Engine:
             else model.config.text_config
         self.context_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
         gen = getattr(model, "generation_config", None)
-        self.stop_strings = [s for s in (getattr(gen, "stop_strings", None) or []) if s]
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = [self.stop_strings]
+        # llavamed_stop_strings (stop_strings in older checkpoints); their tokens, also in
+        # eos_token_id for other runtimes, stay stop strings here (cut from the text, counted).
+        self.stop_strings, stop_ids = stop_settings(gen)
         eos = set()
         for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
             if isinstance(src, int):
                 eos.add(src)
             elif isinstance(src, (list, tuple)):
                 eos.update(int(x) for x in src)
-        self.eos_token_ids = eos
+        self.eos_token_ids = (eos - stop_ids) or eos
         self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                              else next(iter(eos), 0))
         if getattr(processor, "chat_template", None) is None and \
@@ -200,6 +235,9 @@ class Engine:
             else "past_key_values"
         self._image_tokens = self._count_image_tokens()
         self._lock = threading.RLock()
+        self._prep_lock = threading.Lock()
+        self._prep_template: Any = None  # a processor copy no thread encodes with; copied per thread
+        self._prep_local = threading.local()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -221,18 +259,20 @@ class Engine:
             ModelError: not a checkpoint, or an adapter whose base cannot be found.
         """
         from ..model import load_checkpoint
+        from ..model.hub import model_display_name, resolve_model
 
-        path = Path(path)
+        name, path = model_display_name(path), resolve_model(path, "--model")  # a dir or org/name@rev
         if not is_adapter_dir(path):
             model, processor = load_checkpoint(path, device=device, dtype=dtype,
                                                attn_implementation=attn_implementation)
-            return cls(model, processor, model_name=path.resolve().name, path=path)
+            return cls(model, processor, model_name=name, path=path)
         try:
             cfg = json.loads((path / "adapter_config.json").read_text())
         except json.JSONDecodeError as exc:
             raise ModelError(f"{path / 'adapter_config.json'}: not valid JSON ({exc.msg})") from None
         base_path = Path(base) if base is not None else (
             Path(cfg["base_model_name_or_path"]) if cfg.get("base_model_name_or_path") else None)
+        base_path = _resolve_base(base_path)
         if base_path is None or not base_path.is_dir():
             raise ModelError(f"{path}: LoRA adapter whose base model "
                              f"'{base_path or '(not recorded)'}' is not a local directory",
@@ -258,7 +298,7 @@ class Engine:
             except (OSError, ValueError, KeyError) as exc:
                 raise ModelError(f"{path}: could not load the adapter's processor "
                                  f"({str(exc).splitlines()[0]})") from None
-        return cls(model.eval(), processor, model_name=path.resolve().name, path=path)
+        return cls(model.eval(), processor, model_name=name, path=path)
 
     # ------------------------------------------------------------------ prompts
     def _count_image_tokens(self) -> int:
@@ -288,6 +328,60 @@ class Engine:
         n_img = len(request_images(request.messages))
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return len(ids) + n_img * (self._image_tokens - 1)
+
+    def prepare(self, request: ChatRequest) -> PreparedPrompt:
+        """Render, tokenise and image-process one request, ready for :meth:`generate`.
+
+        Thread-safe and independent of generation: each calling thread uses its own copy of the
+        processor, so a server can prepare requests (the costly image resize included) while the
+        model generates for others. Set the result as ``request.prepared``.
+
+        Raises:
+            ConfigError: bad parameters, or a prompt that leaves no room in the context length.
+            DataError: messages the template cannot render, an image part without an image, or
+                image placeholders in the text that do not match the images.
+        """
+        self._check_params(request.params, 0)
+        return self._prepare_with(self._thread_processor(), request)
+
+    def _thread_processor(self) -> Any:
+        proc = getattr(self._prep_local, "processor", None)
+        if proc is None:
+            if self._prep_template is None:
+                with self._lock:  # the generating thread mutates self.processor's tokenizer
+                    if self._prep_template is None:
+                        self._prep_template = copy.deepcopy(self.processor)
+            with self._prep_lock:
+                proc = self._prep_local.processor = copy.deepcopy(self._prep_template)
+        return proc
+
+    def _prepare_with(self, proc: Any, request: ChatRequest) -> PreparedPrompt:
+        try:
+            prompt = proc.apply_chat_template(_template_messages(request.messages),
+                                              add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja errors are varied
+            raise DataError(f"the chat template could not render the messages ({exc})",
+                            "check the roles and content parts of the messages") from None
+        images = request_images(request.messages)
+        try:
+            enc = proc(text=[prompt], images=images or None, return_tensors="pt",
+                       add_special_tokens=False)
+        except (ValueError, TypeError, OSError) as exc:
+            raise DataError(f"the processor could not encode the request ({exc})",
+                            "attach images as image parts, not as placeholders in the text") from None
+        ids = enc["input_ids"][0]
+        token_id = self.tokenizer.convert_tokens_to_ids(getattr(proc, "image_token", "<image>"))
+        found = int((ids == token_id).sum())
+        if found != len(images) * self._image_tokens:
+            raise DataError(f"the prompt holds {found} image tokens for {len(images)} image(s) "
+                            f"({self._image_tokens} each): the text contains the image placeholder",
+                            "attach images as image parts, not as placeholders in the text")
+        if len(ids) >= self.context_length:
+            raise ConfigError(f"the prompt has {len(ids)} tokens, the context length is "
+                              f"{self.context_length}", "shorten the conversation")
+        return PreparedPrompt(input_ids=ids.tolist(),
+                              tensors={k: v for k, v in enc.items()
+                                       if k not in ("input_ids", "attention_mask")})
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[ChatRequest], batch_size: int = 16,
@@ -320,10 +414,13 @@ class Engine:
         prepared = []
         for i, req in enumerate(requests):
             self._check_params(req.params, i)
-            prompt = self.render_prompt(req.messages)
-            images = request_images(req.messages)
-            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
-                len(images) * (self._image_tokens - 1)
+            if req.prepared is not None:
+                prompt, images, n = "", [], len(req.prepared.input_ids)
+            else:
+                prompt = self.render_prompt(req.messages)
+                images = request_images(req.messages)
+                n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
+                    len(images) * (self._image_tokens - 1)
             if n >= self.context_length:
                 raise ConfigError(f"request {i}: the prompt has {n} tokens, the context length is "
                                   f"{self.context_length}", "shorten the conversation")
@@ -375,15 +472,33 @@ class Engine:
     def _check_params(p: GenerationParams, i: int) -> None:
         if p.max_new_tokens < 1:
             raise ConfigError(f"request {i}: max_new_tokens must be at least 1, got {p.max_new_tokens}")
-        if p.temperature < 0:
-            raise ConfigError(f"request {i}: temperature must be >= 0, got {p.temperature}")
+        if not math.isfinite(p.temperature) or p.temperature < 0:
+            raise ConfigError(f"request {i}: temperature must be a finite number >= 0, got {p.temperature}")
         if not 0 < p.top_p <= 1:
             raise ConfigError(f"request {i}: top_p must be in (0, 1], got {p.top_p}")
+        if p.seed is not None and not _SEED_MIN <= p.seed <= _SEED_MAX:
+            raise ConfigError(f"request {i}: seed must be between -2**63 and 2**64-1, got {p.seed}")
 
     def _encode(self, prompts: list[str], images: list[Any]) -> dict:
         self.tokenizer.padding_side = "left"
         enc = self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt",
                              add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _collate(self, prepared: list[PreparedPrompt]) -> dict:
+        """Left-pad prepared prompts into one batch, as the processor's own padding does."""
+        import torch
+
+        width = max(len(p.input_ids) for p in prepared)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.pad_token_id
+        input_ids = torch.full((len(prepared), width), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(prepared), width), dtype=torch.long)
+        for b, p in enumerate(prepared):
+            input_ids[b, width - len(p.input_ids):] = torch.tensor(p.input_ids, dtype=torch.long)
+            mask[b, width - len(p.input_ids):] = 1
+        enc = {"input_ids": input_ids, "attention_mask": mask}
+        for key in dict.fromkeys(k for p in prepared for k in p.tensors):
+            enc[key] = torch.cat([p.tensors[key] for p in prepared if key in p.tensors])
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def _run_batch(self, chunk: list[tuple[int, str, list, int]], requests: list[ChatRequest],
@@ -394,9 +509,12 @@ class Engine:
         rows that finished in it (often none), so callers can stream between steps."""
         import torch
 
-        prompts = [c[1] for c in chunk]
-        images = [img for c in chunk for img in c[2]]
-        enc = self._encode(prompts, images)
+        ready = [requests[c[0]].prepared for c in chunk]
+        if any(p is not None for p in ready):  # prepared ahead (serve); the rest prepared here
+            enc = self._collate([p if p is not None else self._prepare_with(self.processor, requests[c[0]])
+                                 for p, c in zip(ready, chunk)])
+        else:
+            enc = self._encode([c[1] for c in chunk], [img for c in chunk for img in c[2]])
         input_ids = enc["input_ids"]
         mask = enc["attention_mask"]
         rows = []

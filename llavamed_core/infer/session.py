@@ -17,32 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
+from ..images import IMAGE_SUFFIXES, ImageOptions, is_image_name, load_image
 from ..io import atomic_write_json
 from .engine import ChatRequest, GenerationParams, GenerationResult
 
 __all__ = ["ChatSession", "load_chat_image", "find_image_path", "IMAGE_SUFFIXES"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def load_chat_image(path: str | os.PathLike) -> Any:
-    """Open and decode an image file as RGB.
+def load_chat_image(path: str | os.PathLike, options: ImageOptions | None = None) -> Any:
+    """Open and decode an image, DICOM or NIfTI file as RGB (:func:`llavamed_core.images.load_image`).
 
     Raises:
         DataError: missing file or one that does not decode.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: image file not found", "check the path")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: does not decode as an image ({exc})",
-                        "give a PNG, JPEG or other image file") from None
+    return load_image(Path(path).expanduser(), options)
 
 
 def find_image_path(message: str) -> tuple[str | None, str]:
@@ -54,7 +42,7 @@ def find_image_path(message: str) -> tuple[str | None, str]:
     for match in re.finditer(r"'([^']+)'|\"([^\"]+)\"|(\S+)", message):
         token = next(g for g in match.groups() if g is not None)
         p = Path(token).expanduser()
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+        if is_image_name(p) and p.is_file():
             rest = (message[:match.start()] + message[match.end():]).strip()
             return str(p), re.sub(r"\s{2,}", " ", rest)
     return None, message
@@ -72,6 +60,7 @@ class ChatSession:
         image_path: where it came from (saved with the conversation).
         history: the exchanged messages, text only (the image is added when a request is built).
         dropped: exchanges dropped so far to stay within the context length.
+        image_options: how DICOM/NIfTI files attached later are rendered (window, frame, slice).
     """
 
     engine: Any
@@ -81,6 +70,7 @@ class ChatSession:
     image_path: str | None = None
     history: list[dict] = field(default_factory=list)
     dropped: int = 0
+    image_options: ImageOptions | None = None
 
     def attach_image(self, path: str | os.PathLike) -> None:
         """Attach an image; this starts a new conversation about it.
@@ -88,7 +78,7 @@ class ChatSession:
         Raises:
             DataError: the file is missing or does not decode.
         """
-        image = load_chat_image(path)
+        image = load_chat_image(path, self.image_options)
         self.reset()
         self.image = image
         self.image_path = str(path)

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, data_error
-from ..io import JsonlAppender, atomic_write, iter_records, read_jsonl
+from ..errors import ConfigError, DataError, LLMError, data_error
+from ..io import JsonlAppender, atomic_write, check_text_file, iter_records, read_jsonl, reading
 from ..llm import LLMClient, LLMConfig, LLMRequestFailed, run_concurrent
 from ..progress import ProgressCallback, emit
-from ..records import DOMAINS
+from ..records import DOMAINS, no_records_error
 from .prompt import build_messages, load_prompt, mention_texts
 
 __all__ = ["GenConfig", "GenResult", "FigureSample", "load_figures", "select_round_robin",
@@ -49,6 +49,9 @@ class GenConfig:
     """Also show the model the article sentences that mention the figure."""
     prompt_file: Path | None = None
     """Prompt file replacing the packaged ``prompt.md``."""
+    max_failures: int | None = None
+    """Stop, and fail, once more than this many requests have failed for good (``None``: no
+    limit; a run where every request failed fails in any case)."""
 
 
 @dataclass
@@ -106,8 +109,19 @@ def load_figures(path: str | os.PathLike) -> list[tuple[str | None, list[Any]]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found", "check --input")
+    with reading(path):
+        lists = _load_figure_lists(path)
+    if not any(records for _, records in lists):
+        raise no_records_error(path, "figure records")
+    return lists
+
+
+def _load_figure_lists(path: Path) -> list[tuple[str | None, list[Any]]]:
+    check_text_file(path)
     with open(path, encoding="utf-8") as fh:
         head = fh.read(4096).lstrip("\ufeff \t\r\n")
+    if not head:
+        return []
     if head.startswith("["):
         return [(None, list(iter_records(path)))]
     try:
@@ -196,6 +210,10 @@ def _done_ids(output: Path) -> set[str]:
     return done
 
 
+def _reasons(result: GenResult) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(result.failure_reasons.items()))
+
+
 def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = None,
                           client: LLMClient | None = None) -> GenResult:
     """Ask the LLM for a conversation about each selected figure; append answers to the output.
@@ -210,12 +228,15 @@ def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = No
 
     Raises:
         DataError: bad input, prompt file or existing output.
-        LLMError: the endpoint refused the credentials, the model is unknown, or too many
-            requests failed in a row. Everything answered so far is kept; a rerun resumes.
+        LLMError: the endpoint refused the credentials, the model is unknown, too many
+            requests failed in a row, more than ``max_failures`` failed, or every request failed.
+            Everything answered so far is kept; a rerun resumes.
     """
     cfg.llm.check()
     if cfg.max_size is not None and cfg.max_size < 1:
         raise ConfigError(f"--max-size must be at least 1, got {cfg.max_size}")
+    if cfg.max_failures is not None and cfg.max_failures < 0:
+        raise ConfigError(f"--max-failures must be 0 or more, got {cfg.max_failures}")
     prompt = load_prompt(cfg.prompt_file)
     samples, dups = select_round_robin(Path(cfg.input), load_figures(cfg.input), cfg.max_size)
     output = Path(cfg.output)
@@ -253,6 +274,12 @@ def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = No
                     result.failure_reasons[key] = result.failure_reasons.get(key, 0) + 1
                     failures.write({"pair_id": sample.pair_id, "reason": res.reason,
                                     "attempts": res.attempts})
+                    if cfg.max_failures is not None and result.failed > cfg.max_failures:
+                        raise LLMError(
+                            f"{result.failed} requests failed, more than --max-failures {cfg.max_failures} "
+                            f"({_reasons(result)}); stopped with {result.succeeded} answered (kept in "
+                            f"{output}); failures listed in {fail_path}",
+                            "fix the cause (endpoint, model, quota), then rerun the same command: it resumes")
                 else:
                     result.succeeded += 1
                     result.cached += int(res.cached)
@@ -263,6 +290,10 @@ def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = No
                                          "completion_tokens": res.completion_tokens}})
                 report()
         report(finished=True)
+        if result.requested and not result.succeeded:
+            raise LLMError(f"all {result.requested} requests failed ({_reasons(result)}); "
+                           f"listed in {fail_path}",
+                           "check the endpoint, model name and quota, then rerun the same command")
     finally:
         result.usage = client.usage.snapshot()
         result.elapsed_s = round(time.monotonic() - start, 3)

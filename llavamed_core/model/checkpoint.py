@@ -5,12 +5,14 @@ vision layer, select strategy, image token id and count), safetensors weights un
 layout of the llava-hf checkpoints on the Hub (``language_model.model.*``,
 ``language_model.lm_head.*``, ``vision_tower.vision_model.*``, ``multi_modal_projector.*``),
 the tokenizer, the processor (``processor_config.json`` and ``preprocessor_config.json``), the
-chat template and ``generation_config.json`` (with the template's stop strings). transformers
-4.4x–5.x, vLLM and SGLang load it unchanged.
+chat template and ``generation_config.json`` (the template's stop strings in
+``llavamed_stop_strings``, their tokens in ``eos_token_id``). transformers 4.4x–5.x, vLLM and
+SGLang load it unchanged (:mod:`.compat` writes the fields each of them needs).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError, DependencyError, ModelError
 from ..io import atomic_dir, atomic_write_json
+from .compat import finalize_checkpoint_files
 from .presets import ModelPreset, get_preset
 from .templates import STOP_STRINGS, TEMPLATES
 
@@ -127,6 +130,9 @@ def build_from_preset(preset: str | ModelPreset, seed: int = 0, tokenizer: Any =
         tie_word_embeddings=False,
     )
     config.llavamed = {"preset": preset.name, "template": preset.template}
+    if preset.extra.get("shrunk"):
+        config.llavamed["shrunk"] = True
+        tokenizer.model_max_length = int(text_kwargs.get("max_position_embeddings") or tokenizer.model_max_length)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     if preset.projector_hidden_act == "linear":
@@ -179,8 +185,6 @@ def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrit
     Returns:
         ``out`` as a Path.
     """
-    from safetensors.torch import save_file
-
     out = Path(out)
     state = {}
     for name, tensor in model.state_dict().items():
@@ -191,13 +195,13 @@ def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrit
     with atomic_dir(out, overwrite=overwrite) as tmp:
         shards = _shard_state_dict(state, max_shard_bytes)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            _save_safetensors(shards[0], tmp / "model.safetensors")
         else:
             weight_map = {}
             total = 0
             for i, shard in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                _save_safetensors(shard, tmp / fname)
                 for k, t in shard.items():
                     weight_map[k] = fname
                     total += t.numel() * t.element_size()
@@ -205,17 +209,41 @@ def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrit
                               {"metadata": {"total_size": total}, "weight_map": weight_map})
         model.config.architectures = ["LlavaForConditionalGeneration"]
         model.config.save_pretrained(tmp)
-        _add_legacy_config_fields(tmp / "config.json")
-        gen = model.generation_config
-        template = (getattr(model.config, "llavamed", None) or {}).get("template")
-        stops = STOP_STRINGS.get(template or "", [])
-        if stops:
-            gen.stop_strings = stops
-        gen.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         save_processor(processor, tmp)
         for fname, obj in (extra_json or {}).items():
             atomic_write_json(tmp / fname, obj)
+        # The template's stop strings (a custom template keeps those already in the config).
+        template = (getattr(model.config, "llavamed", None) or {}).get("template")
+        finalize_checkpoint_files(tmp, STOP_STRINGS.get(template) if template in STOP_STRINGS else None)
     return out
+
+
+def _save_safetensors(tensors: dict[str, Any], path: Path) -> None:
+    """``safetensors.torch.save_file``, with its errors made ours.
+
+    A full disk surfaces from safetensors as ``SafetensorError`` (an ``IoError`` with OS code 28):
+    it becomes ``OSError(ENOSPC)`` naming the file, which :func:`~llavamed_core.io.atomic_dir`
+    turns into a one-line :class:`~llavamed_core.errors.StorageError` after removing the
+    half-built directory. Any other serialization failure is a :class:`ModelError`.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        text = str(exc)
+        if "code: 28" in text or "StorageFull" in text or "No space left" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        if "code: 122" in text or "QuotaExceeded" in text:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path)) from None
+        raise ModelError(f"{path}: could not write the weights ({text.splitlines()[0][:200]})",
+                         "check the disk and the output path, then rerun") from None
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def save_processor(processor: Any, out: Path) -> None:
@@ -229,25 +257,26 @@ def save_processor(processor: Any, out: Path) -> None:
 
 
 def _add_legacy_config_fields(path: Path) -> None:
-    """Add ``rope_theta`` beside ``rope_parameters`` so transformers 4.x and vLLM read it too."""
-    cfg = json.loads(path.read_text())
-    text = cfg.get("text_config", {})
-    rope = text.get("rope_parameters") or {}
-    if "rope_theta" not in text and "rope_theta" in rope:
-        text["rope_theta"] = rope["rope_theta"]
-    atomic_write_json(path, cfg)
+    """Add ``rope_theta`` beside ``rope_parameters`` and ``text_config.architectures`` so
+    transformers 4.x and vLLM read the config too (see :mod:`.compat`)."""
+    from .compat import _fix_config
+
+    _fix_config(path)
 
 
-def check_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Check that ``path`` is a Llava checkpoint directory; return it as a Path.
+def check_checkpoint_dir(path: str | os.PathLike, what: str = "--model") -> Path:
+    """Check that ``path`` is a Llava checkpoint directory; return it as a local Path.
+
+    ``path`` may also be a Hugging Face repo id ``org/name[@revision]`` (a local path wins); it is
+    fetched into the Hub cache and the snapshot's directory is returned
+    (:func:`~llavamed_core.model.hub.resolve_model`).
 
     Raises:
         ModelError: missing directory, missing config, another model type, or no weights.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"{path}: checkpoint directory not found",
-                         "make one with `llavamed weights init --preset tiny --out DIR`")
+    from .hub import resolve_model
+
+    path = resolve_model(path, what)
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise ModelError(f"{path}: no config.json, not a Hugging Face checkpoint",
@@ -262,7 +291,38 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
             "original LLaVA-Med checkpoints (llava, llava_mistral) convert with `llavamed weights convert`")
     if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         raise ModelError(f"{path}: no weight files (*.safetensors)", "the checkpoint is incomplete")
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem is not None:
+            raise ModelError(f"{weights}: could not load the checkpoint ({problem})",
+                             "the file is incomplete or corrupt; write or download it again")
     return path
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's header, or ``None``: the header must be JSON and
+    every tensor's data must lie within the file.
+
+    Cheap (the header only), and catches before any work starts what a load would otherwise fail
+    on deep inside transformers: a truncated or overwritten file.
+    """
+    from .shards import _read_safetensors_header
+
+    try:
+        header, data_start = _read_safetensors_header(path)
+    except ModelError as exc:
+        return exc.message.removeprefix(f"{path}: ")
+    size = path.stat().st_size
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = int(meta["data_offsets"][1])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return f"tensor {name}: unreadable entry in the header"
+        if data_start + end > size:
+            return f"truncated: tensor {name} ends at byte {data_start + end:,}, the file has {size:,}"
+    return None
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -317,7 +377,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, dtype: s
     """Load a checkpoint for inference: ``(model in eval mode on device, processor)``.
 
     Args:
-        path: checkpoint directory.
+        path: checkpoint directory, or a Hub id ``org/name[@revision]``.
         device: see :func:`resolve_device`.
         dtype: see :func:`resolve_dtype`.
         attn_implementation: see :func:`resolve_attn_implementation`.

@@ -27,8 +27,9 @@ def compose_llava(llm: str | os.PathLike, vision: str | os.PathLike, projector: 
     """Build ``(model, processor)`` from a causal LM directory and a CLIP directory.
 
     Args:
-        llm: a local transformers causal-LM checkpoint (Llama, Vicuna, Mistral, ...).
-        vision: a local CLIP (or CLIP vision) checkpoint.
+        llm: a transformers causal-LM checkpoint (Llama, Vicuna, Mistral, ...): a directory or a
+            Hub id ``org/name[@revision]``.
+        vision: a CLIP (or CLIP vision) checkpoint: a directory or a Hub id.
         projector: ``linear`` or ``mlp2x_gelu``.
         template: conversation template name (``v1``, ``v1.5``, ``tiny``).
         vision_feature_layer: hidden-state index fed to the projector.
@@ -49,6 +50,9 @@ def compose_llava(llm: str | os.PathLike, vision: str | os.PathLike, projector: 
         raise ConfigError(f"--projector {projector}: unknown", f"choose one of: {', '.join(PROJECTORS)}")
     if template not in TEMPLATES:
         raise ConfigError(f"--template {template}: unknown", f"choose one of: {', '.join(TEMPLATES)}")
+    from .hub import resolve_model
+
+    llm, vision = resolve_model(llm, "--llm", "model directory"), resolve_model(vision, "--vision", "model directory")
     for p, what in ((llm, "--llm"), (vision, "--vision")):
         if not (Path(p) / "config.json").exists():
             raise ModelError(f"{p}: no config.json ({what} must be a local Hugging Face model directory)")

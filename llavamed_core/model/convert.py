@@ -39,7 +39,8 @@ What the conversion does, exactly:
 - config: vision layer from ``mm_vision_select_layer``, CLS dropped (``"default"`` strategy),
   ``image_seq_length`` = patches per image; processor with the CLIP preprocessing, padded to a
   square with the mean colour when the config says ``image_aspect_ratio: pad``; chat template
-  ``v1`` or ``v1.5`` (:mod:`.templates`); stop strings in ``generation_config.json``.
+  ``v1`` or ``v1.5`` (:mod:`.templates`); stop strings in ``generation_config.json``
+  (``llavamed_stop_strings``, their tokens in ``eos_token_id``: :mod:`.compat`).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ class ConvertConfig:
     """Options of ``weights convert``.
 
     Attributes:
-        src: the original checkpoint directory.
+        src: the original checkpoint directory (or a Hub id ``org/name[@revision]``).
         out: output directory.
-        vision: a CLIP checkpoint directory: the tower of v1 (required), or the CLIP config and
+        vision: a CLIP checkpoint directory (or a Hub id): the tower of v1 (required), or the CLIP config and
             preprocessing of v1.5 (optional; the tower's weights stay those inside).
         overwrite: replace an existing ``out``.
         max_shard_bytes: output shard size.
@@ -475,18 +476,17 @@ def _write_side_files(tmp: Path, config: Any, tok: Any, processor: Any, template
     """config, generation config, processor, tokenizer and legacy preprocessor config."""
     from transformers import GenerationConfig
 
-    from .checkpoint import _add_legacy_config_fields, save_processor
+    from .checkpoint import save_processor
+    from .compat import finalize_checkpoint_files
     from .templates import STOP_STRINGS
 
     config.architectures = ["LlavaForConditionalGeneration"]
     config.save_pretrained(tmp)
-    _add_legacy_config_fields(tmp / "config.json")
     gen = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.pad_token_id)
-    if STOP_STRINGS.get(template):
-        gen.stop_strings = STOP_STRINGS[template]
     gen.save_pretrained(tmp)
     save_processor(processor, tmp)
+    finalize_checkpoint_files(tmp, STOP_STRINGS.get(template, []))
 
 
 def convert_source(orig: dict[str, Any], tokenizer_dir: Path, source: Any, cfg: ConvertConfig,
@@ -514,7 +514,9 @@ def convert_source(orig: dict[str, Any], tokenizer_dir: Path, source: Any, cfg: 
     start = time.monotonic()
     where = str(Path(tokenizer_dir) / "config.json")
     layout = detect_layout(orig, where)
-    vision = Path(cfg.vision) if cfg.vision is not None else None
+    from .hub import resolve_model
+
+    vision = resolve_model(cfg.vision, "--vision", "directory") if cfg.vision is not None else None
     specs = source.tensors
     actions: list[str] = []
     dropped: list[str] = []
@@ -675,9 +677,9 @@ def convert_checkpoint(cfg: ConvertConfig, progress: ProgressCallback | None = N
     Raises:
         ModelError: unknown layout, unplaceable keys, missing vision tower, unreadable files.
     """
-    src = Path(cfg.src)
-    if not src.is_dir():
-        raise ModelError(f"{src}: directory not found", "check the path")
+    from .hub import resolve_model
+
+    src = resolve_model(cfg.src, "SRC", "directory")
     orig = read_source_config(src)
     detect_layout(orig, str(src / "config.json"))
     with CheckpointReader(src, "SRC") as reader:

@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import ConfigError, ModelError
 from ..io import atomic_dir
 from ..progress import ProgressCallback
+from .compat import finalize_checkpoint_files
 from .shards import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, CheckpointReader, OutTensor, TensorSpec,
                      copy_aux_files, element_size, write_tensors)
 
@@ -61,7 +62,8 @@ class ApplyDeltaConfig:
     """Options of ``weights apply-delta``.
 
     Attributes:
-        base: the base model directory (e.g. LLaMA-7B in Hugging Face format).
+        base: the base model directory (e.g. LLaMA-7B in Hugging Face format), or a Hub id
+            ``org/name[@revision]`` (as for every model path here).
         delta: the delta directory (e.g. ``microsoft/llava-med-7b-delta``).
         out: output directory.
         dtype: cast base and delta to this dtype first (the original tool loaded both in
@@ -347,6 +349,10 @@ def _run(base_dir: Path, other_dir: Path, out: Path, mode: str, dtype: str | Non
     cast = _resolve_dtype(dtype)
     result = DeltaResult(out=str(out), mode=mode)
     what = "--delta" if mode == "apply" else "--target"
+    from .hub import resolve_model
+
+    base_dir = resolve_model(base_dir, "--base", "directory")
+    other_dir = resolve_model(other_dir, what, "directory")
     if Path(out).resolve() in (Path(base_dir).resolve(), Path(other_dir).resolve()):
         raise ConfigError(f"--out {out} is one of the inputs", "write to a new directory")
     with CheckpointReader(base_dir, "--base") as base, CheckpointReader(other_dir, what) as other:
@@ -370,6 +376,7 @@ def _run(base_dir: Path, other_dir: Path, out: Path, mode: str, dtype: str | Non
             with atomic_dir(out, overwrite=overwrite) as tmp:
                 written = write_tensors(tmp, plan, max_shard_bytes, progress, task=f"{mode}-delta")
                 result.copied_files = copy_aux_files(other_dir, tmp)
+                finalize_checkpoint_files(tmp)  # side files of an older llavamed made loadable everywhere
             result.tensors, result.bytes, result.shards = len(plan), written["total_size"], len(written["files"])
     result.seconds = time.monotonic() - start
     return result

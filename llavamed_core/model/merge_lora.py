@@ -38,6 +38,7 @@ from typing import Any
 from ..errors import ModelError
 from ..io import atomic_dir
 from ..progress import ProgressCallback
+from .compat import finalize_checkpoint_files
 from .shards import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, CheckpointReader, OutTensor, copy_aux_files,
                      element_size, write_tensors)
 
@@ -276,12 +277,14 @@ def merge_lora(cfg: MergeLoraConfig, progress: ProgressCallback | None = None) -
     from .checkpoint import check_checkpoint_dir
 
     start = time.monotonic()
-    adapter = Path(cfg.adapter)
-    if not adapter.is_dir():
-        raise ModelError(f"--adapter {adapter}: directory not found", "check the path")
+    from .hub import parse_hub_id, resolve_model
+
+    adapter = resolve_model(cfg.adapter, "--adapter", "directory")
     acfg = _read_adapter_config(adapter)
     base_dir = Path(cfg.base) if cfg.base is not None else (
         Path(acfg["base_model_name_or_path"]) if acfg.get("base_model_name_or_path") else None)
+    if base_dir is not None and (cfg.base is not None or parse_hub_id(str(base_dir))) and not base_dir.is_dir():
+        base_dir = resolve_model(base_dir, "--base")  # a Hub id (a recorded local path that is gone: below)
     if base_dir is None or not base_dir.is_dir():
         raise ModelError(f"{adapter}: the adapter's base '{base_dir or '(not recorded)'}' is not a local directory",
                          "pass the base Llava checkpoint with --base DIR (for an original LLaVA LoRA: the base "
@@ -311,6 +314,7 @@ def merge_lora(cfg: MergeLoraConfig, progress: ProgressCallback | None = None) -
                 for fname in _PROCESSOR_FILES:
                     if (adapter / fname).is_file():
                         shutil.copy2(adapter / fname, tmp / fname)
+                finalize_checkpoint_files(tmp)  # copied side files made loadable everywhere
     finally:
         for r in adapters:
             r.close()

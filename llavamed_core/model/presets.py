@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["ModelPreset", "PRESETS", "get_preset"]
+__all__ = ["ModelPreset", "PRESETS", "get_preset", "shrink_preset"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,33 @@ def get_preset(name: str) -> ModelPreset:
     except KeyError:
         raise ConfigError(f"unknown model preset '{name}'",
                           f"choose one of: {', '.join(PRESETS)}") from None
+
+
+# Sizes of a shrunk preset: a model that runs on a CPU in seconds.
+_SHRUNK_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+_SHRUNK_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      projection_dim=32)
+
+
+def shrink_preset(preset: str | ModelPreset) -> ModelPreset:
+    """The preset's exact layout with tiny sizes (``weights init --preset NAME --shrink``).
+
+    Kept: the text model family, rope, context length and norm, the grouped-query ratio (scaled),
+    the vision tower's image size and patch (so the image-token count: 256 for v1, 576 for
+    v1.5), the vision layer and select strategy, the projector, the template and the
+    preprocessing (pad-to-square, mean/std). Shrunk: hidden 64, 2 text layers, 4 heads, a
+    32-wide 2-layer vision tower, and (when built) the tiny in-process tokenizer's vocabulary.
+
+    Raises:
+        ConfigError: unknown preset name.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    text = dict(preset.text_config, **_SHRUNK_TEXT)
+    heads, kv = preset.text_config.get("num_attention_heads"), preset.text_config.get("num_key_value_heads")
+    ratio = max(1, int(heads) // int(kv)) if heads and kv else 1
+    text["num_key_value_heads"] = max(1, _SHRUNK_TEXT["num_attention_heads"] // ratio)
+    text.pop("vocab_size", None)  # the tokenizer decides
+    vision = dict(preset.vision_config, **_SHRUNK_VISION)
+    return ModelPreset(**{**preset.__dict__, "text_config": text, "vision_config": vision,
+                          "description": f"{preset.description} (shrunk: tiny sizes, same layout)",
+                          "extra": {**preset.extra, "shrunk": True}})

@@ -557,7 +557,11 @@ class ShardedWriter:
             if piece.numel() == 0:
                 continue
             data = piece.view(torch.uint8).numpy()
-            self._fh.write(memoryview(data))
+            try:
+                self._fh.write(memoryview(data))
+            except OSError as exc:  # name the shard (a full disk is reported by atomic_dir)
+                exc.filename = exc.filename or str(self.out_dir / self._shards[si][0])
+                raise
             got += data.nbytes
         if got != n:
             raise ModelError(f"tensor {name}: produced {got} bytes, planned {n} ({list(shape)})")

@@ -4,10 +4,16 @@ Every failure the server answers goes through :class:`APIError`, so clients (the
 package, curl, the web page) always get the same shape and never a stack trace. Status codes:
 
 - 400 ``invalid_request_error``: the body is not JSON, an image cannot be used (bad base64, not
-  an image, too many pixels, too many images, remote URL refused), the prompt does not fit.
+  an image, too many pixels, a side too long, too thin, too many images, remote URL refused),
+  the text holds the image placeholder, the prompt does not fit.
 - 401 ``authentication_error``: missing or wrong Bearer token.
+- 403 ``permission_error`` / ``host_not_allowed`` or ``origin_not_allowed``: without an API key,
+  a ``Host`` or browser ``Origin`` outside the allowlist (DNS-rebinding and cross-site defence).
 - 404 ``invalid_request_error`` / ``model_not_found``: unknown model or route.
+- 408 ``invalid_request_error`` / ``request_timeout``: the body did not arrive in time.
 - 413 ``invalid_request_error`` / ``request_too_large``: the body is over the size cap.
+- 415 ``invalid_request_error`` / ``unsupported_media_type``: the body is not sent as
+  ``application/json``.
 - 422 ``invalid_request_error``: the JSON does not match the schema (wrong type, missing field,
   empty ``messages``, value out of range, unsupported option such as ``n`` > 1).
 - 429 ``rate_limit_error`` / ``queue_full``: the batch queue is full; retry later.

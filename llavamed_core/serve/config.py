@@ -23,6 +23,11 @@ class ServeLimits:
     """Largest request body accepted (bytes); larger bodies get 413."""
     max_image_pixels: int = 4096 * 4096
     """Largest image accepted (width × height); checked from the header before decoding."""
+    max_image_side: int = 8192
+    """Largest width or height accepted (pixels); checked from the header before decoding."""
+    max_image_aspect: float = 20.0
+    """Largest ratio of the long side to the short side; checked from the header (a 2,000,000×8
+    image is small in pixels but would be resized to millions of pixels wide)."""
     max_image_bytes: int = 16 * 1024 * 1024
     """Largest encoded image accepted (bytes), for data URLs and remote downloads alike."""
     max_images: int = 4
@@ -32,13 +37,20 @@ class ServeLimits:
     (clipped to what the context leaves)."""
     max_queue: int = 256
     """Most requests waiting for a batch slot; one more gets 429."""
+    header_timeout_s: float = 10.0
+    """Longest a client may take to send a request's headers (connection closed after it)."""
+    body_timeout_s: float = 60.0
+    """Longest a client may take to send a request's body, from its headers (408 after it)."""
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on a non-positive limit."""
         for name in ("max_body_bytes", "max_image_pixels", "max_image_bytes", "max_images",
-                     "max_tokens", "max_queue"):
-            if getattr(self, name) < 1:
+                     "max_tokens", "max_queue", "max_image_side", "max_image_aspect"):
+            if not getattr(self, name) >= 1:
                 raise ConfigError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"serve limit {name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -124,6 +136,12 @@ class ServeConfig:
     """Remote image URL policy."""
     log_requests: bool = False
     """Log each request body (image data replaced by its size)."""
+    allow_hosts: list[str] = field(default_factory=list)
+    """Without an API key, the ``Host`` names (and browser ``Origin`` hosts) accepted besides
+    localhost, 127.0.0.1, [::1], IP addresses and ``host``; ``*`` = any (no DNS-rebinding defence)."""
+    prep_workers: int = 2
+    """Threads that decode and preprocess images and tokenise prompts outside the generation
+    thread (also the most images being decoded at once, which bounds their memory)."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
     """vLLM launch settings (``engine == "vllm"`` only)."""
 
@@ -144,6 +162,8 @@ class ServeConfig:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty", "give a non-empty --api-key or LLAVAMED_API_KEY, or neither")
+        if self.prep_workers < 1:
+            raise ConfigError(f"--prep-workers must be at least 1, got {self.prep_workers}")
         if self.vllm.tensor_parallel_size < 1:
             raise ConfigError("--tensor-parallel-size must be at least 1")
         if not 0 < self.vllm.gpu_memory_utilization <= 1:

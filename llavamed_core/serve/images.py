@@ -2,9 +2,12 @@
 
 Data URLs (``data:image/png;base64,...``) are decoded here; ``http(s)`` URLs are fetched only
 when the server allows remote images, from allow-listed hosts, with a timeout and a size cap
-(redirects are followed by hand so every hop is checked against the allowlist). The pixel count
-is checked from the image header before any pixel is decoded, so a small file that claims a huge
-image cannot exhaust memory.
+(redirects are followed by hand so every hop is checked against the allowlist).
+
+:func:`open_image` is the one place image bytes become pixels. Width, height, aspect ratio and
+pixel count are checked from the image header (Pillow's lazy open) before any pixel is decoded or
+resized, so a small file that claims a huge or extremely thin image (a 16,777,216×1 PNG is 16 kB
+on the wire but needs ~51 GB once resized) is refused at once with a 400 naming the limit.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from urllib.parse import urljoin, urlsplit
 from .api_errors import APIError, bad_request
 from .config import RemoteImagePolicy, ServeLimits
 
-__all__ = ["decode_data_url", "open_image", "fetch_remote_image", "to_data_url", "is_remote_url"]
+__all__ = ["decode_data_url", "open_image", "check_image_size", "fetch_remote_image", "to_data_url",
+           "is_remote_url", "open_medical_image", "is_medical", "png_data_url", "MEDICAL_MEDIA_TYPES"]
+
 
 def is_remote_url(url: str) -> bool:
     """Whether ``url`` is an ``http(s)`` URL (as opposed to a data URL)."""
@@ -52,7 +57,9 @@ def decode_data_url(url: str, param: str, limits: ServeLimits) -> tuple[bytes, s
     if "base64" not in parts[1:]:
         raise bad_request(f"{param}: only base64 data URLs are accepted (data:image/png;base64,...)",
                           param, "invalid_image_url")
-    if not media_type.startswith("image/"):
+    if media_type in MEDICAL_MEDIA_TYPES:  # DICOM/NIfTI; rendering options ride along as parameters
+        media_type = ";".join([media_type] + [p for p in parts[1:] if "=" in p])
+    elif not media_type.startswith("image/"):
         raise bad_request(f"{param}: the data URL's media type is {media_type!r}, not an image",
                           param, "invalid_image")
     if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
@@ -69,46 +76,141 @@ def decode_data_url(url: str, param: str, limits: ServeLimits) -> tuple[bytes, s
     return data, media_type
 
 
-def open_image(data: bytes, param: str, limits: ServeLimits) -> Any:
-    """Decode image bytes into an RGB ``PIL.Image``, checking the pixel cap first.
+def open_image(data: bytes, param: str, limits: ServeLimits, media_type: str = "") -> Any:
+    """Decode image bytes into an RGB ``PIL.Image``, checking its size from the header first.
+
+    This is the one function that turns a request's image bytes into pixels (data URLs and
+    remote images alike); other formats plug in here.
 
     16-bit and float greyscale images (common for medical scans) are scaled to 0–255 by their
     own range rather than clipped.
 
     Raises:
-        APIError: 400 when the bytes are not an image, are corrupt, or the image has too many pixels.
+        APIError: 400 when the bytes are not an image, are corrupt, or the image is over a size
+            limit (checked before decoding).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if len(data) > limits.max_image_bytes:
         raise bad_request(f"{param}: the image is {len(data):,} bytes, over this server's limit of "
                           f"{limits.max_image_bytes:,}", param, "image_too_large")
+    if _medical_kind(data, media_type) != "image":
+        return open_medical_image(data, param, limits, media_type)
+    img = _open_lazily(data, param)
+    check_image_size(img.width, img.height, param, limits)
+    return _decode(img, param)
+
+
+MEDICAL_MEDIA_TYPES = ("application/dicom", "application/x-nifti", "application/nifti",
+                       "application/gzip", "application/x-gzip", "application/octet-stream")
+"""Data URL media types that may hold a DICOM or NIfTI file (what browsers give .dcm, .nii and
+.nii.gz files); the bytes decide. Parameters ``window=lung``, ``window-center=-600;window-width=1500``,
+``frame=N``, ``slice=N``, ``plane=coronal``, ``volume=N`` choose the rendering."""
+
+
+def _medical_kind(data: bytes, media_type: str) -> str:
+    from ..images import image_kind
+
+    return image_kind(data[:1024], "upload.dcm" if media_type.startswith("application/dicom") else "")
+
+
+def is_medical(data: bytes, media_type: str) -> bool:
+    """Whether image bytes are a DICOM or NIfTI file (rendered by :func:`open_medical_image`)."""
+    return bool(data) and _medical_kind(data, media_type) != "image"
+
+
+def png_data_url(image: Any) -> str:
+    """A ``data:image/png`` URL of a decoded image (what the model sees, for another server)."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return to_data_url(buf.getvalue(), "image/png")
+
+
+def open_medical_image(data: bytes, param: str, limits: ServeLimits, media_type: str = "") -> Any:
+    """Render a DICOM or NIfTI upload exactly as ``llavamed data view`` does (RGB ``PIL.Image``).
+
+    Raises:
+        APIError: 400 with the loader's one-line reason (no pixel data, truncated, 4-D without
+            ``volume=N``, a compressed syntax without a decoder, a bad parameter, too many pixels).
+    """
+    from ..errors import LlavamedError
+    from ..images import ImageOptions, load_image
+
+    params = dict(p.split("=", 1) for p in media_type.split(";")[1:] if "=" in p)
     try:
-        img = Image.open(io.BytesIO(data))
+        window = params.get("window")
+        if "window-center" in params or "window-width" in params:
+            window = f"{params.get('window-center', '')},{params.get('window-width', '')}"
+        options = ImageOptions(window=window, frame=_int_param(params, "frame"),
+                               slice_index=_int_param(params, "slice"),
+                               plane=params.get("plane", "axial"), volume=_int_param(params, "volume"))
+    except (LlavamedError, ValueError) as exc:
+        raise bad_request(f"{param}: bad data URL parameter ({getattr(exc, 'message', exc)})", param,
+                          "invalid_image_url") from None
+    try:
+        img = load_image(data, options, name=param, max_pixels=limits.max_image_pixels)
+    except LlavamedError as exc:
+        hint = f"; {exc.hint}" if exc.hint else ""
+        raise bad_request(f"{exc.message}{hint}", param, "invalid_image") from None
+    check_image_size(img.width, img.height, param, limits)
+    return img
+
+
+def _int_param(params: dict, key: str) -> int | None:
+    if key not in params:
+        return None
+    try:
+        return int(params[key])
+    except ValueError:
+        raise ValueError(f"{key}={params[key]!r} is not a whole number") from None
+
+
+def _open_lazily(data: bytes, param: str) -> Any:
+    """Pillow's lazy open: the header is read (format, mode, size), no pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise _too_many_pixels(param, None, limits) from None
+        raise bad_request(f"{param}: the image has too many pixels to be opened safely", param,
+                          "image_too_large") from None
     except UnidentifiedImageError:
         raise bad_request(f"{param}: the data is not an image in a format the server can read "
                           f"(PNG, JPEG, TIFF, BMP, GIF, WebP, ...)", param, "invalid_image") from None
     except (OSError, ValueError, SyntaxError):
         raise bad_request(f"{param}: the image header is corrupt", param, "invalid_image") from None
-    pixels = img.width * img.height
-    if pixels > limits.max_image_pixels:
-        raise _too_many_pixels(param, (img.width, img.height), limits)
-    if pixels == 0:
-        raise bad_request(f"{param}: the image is empty (0 pixels)", param, "invalid_image")
+
+
+def check_image_size(width: int, height: int, param: str, limits: ServeLimits) -> None:
+    """Refuse an image by its header size: no side over ``max_image_side``, no aspect ratio over
+    ``max_image_aspect``, no more than ``max_image_pixels`` pixels.
+
+    Raises:
+        APIError: 400 ``image_too_large`` / ``image_aspect_ratio`` / ``invalid_image`` (empty).
+    """
+    if width < 1 or height < 1:
+        raise bad_request(f"{param}: the image is empty ({width}x{height} pixels)", param, "invalid_image")
+    if max(width, height) > limits.max_image_side:
+        raise bad_request(f"{param}: the image is {width}x{height} pixels, over this server's limit "
+                          f"of {limits.max_image_side:,} pixels per side (--max-image-side); "
+                          f"downscale it first", param, "image_too_large")
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_image_aspect:
+        raise bad_request(f"{param}: the image is {width}x{height} pixels, an aspect ratio of "
+                          f"{ratio:,.0f}:1, over this server's limit of {limits.max_image_aspect:g}:1 "
+                          f"(--max-image-aspect); crop or pad it first", param, "image_aspect_ratio")
+    if width * height > limits.max_image_pixels:
+        raise bad_request(f"{param}: the image has {width}x{height} = {width * height:,} pixels, "
+                          f"over this server's limit of {limits.max_image_pixels:,} pixels "
+                          f"(--max-image-pixels); downscale it first", param, "image_too_large")
+
+
+def _decode(img: Any, param: str) -> Any:
+    """Decode a lazily opened image's pixels (its size already checked) into RGB."""
     try:
         img.load()
         return _to_rgb(img)
     except Exception as exc:  # Pillow's decoders raise many types on corrupt data; all mean "bad image"
         raise bad_request(f"{param}: the image could not be decoded ({type(exc).__name__}: "
                           f"truncated or corrupt)", param, "invalid_image") from None
-
-
-def _too_many_pixels(param: str, size: tuple[int, int] | None, limits: ServeLimits) -> APIError:
-    dims = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "too many pixels"
-    return bad_request(f"{param}: the image has {dims}, over this server's limit of "
-                       f"{limits.max_image_pixels:,} pixels; downscale it first", param, "image_too_large")
 
 
 def _to_rgb(img: Any) -> Any:

@@ -1,10 +1,14 @@
 """The native backend: our engine in this process, behind the batching scheduler.
 
 Loading (``start``) runs in a background thread so the server answers ``/health`` (503) and
-``/v1/models`` while the checkpoint loads. Each request becomes one job of the
-:class:`~.scheduler.BatchScheduler`; a plain request waits for its result, a streamed one relays
-the engine's deltas as ``chat.completion.chunk`` events. If the client goes away the job is
-cancelled, which frees its slot in the batch.
+``/v1/models`` while the checkpoint loads. A request is checked completely before it may join a
+batch: :meth:`NativeBackend.precheck` (on the event loop, cheap: text length against the context,
+no image placeholder in the text) and :meth:`NativeBackend.prepare` (in the server's small pool
+of preparation threads: images decoded, resized and normalised, the prompt rendered and tokenised,
+its exact length checked), so the generation thread only generates. Each prepared request becomes
+one job of the :class:`~.scheduler.BatchScheduler`; a plain request waits for its result, a
+streamed one relays the engine's deltas as ``chat.completion.chunk`` events. If the client goes
+away the job is cancelled, which frees its slot in the batch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from ..errors import LlavamedError
 from .api_errors import APIError
 from .config import ServeConfig
-from .protocol import ParsedChat, chunk_body, completion_body
+from .protocol import ParsedChat, chunk_body, completion_body, decode_images
 from .scheduler import BatchScheduler, Job, QueueFull, SchedulerClosed
 
 __all__ = ["NativeBackend", "RequestContext", "ClientGone", "map_engine_error", "sse"]
@@ -69,6 +73,12 @@ def map_engine_error(exc: BaseException) -> APIError:
                     None, "internal_error")
 
 
+def _without_images(messages: list[dict]) -> list[dict]:
+    """Messages with image parts reduced to ``{"type": "image"}`` (their pixels are prepared)."""
+    return [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]}
+            if isinstance(m["content"], list) else m for m in messages]
+
+
 class NativeBackend:
     """Our :class:`~llavamed_core.infer.engine.Engine` with micro-batching.
 
@@ -84,6 +94,8 @@ class NativeBackend:
         self._loader = engine_loader
         self.engine: Any = None
         self.scheduler: BatchScheduler | None = None
+        self.image_token = "<image>"
+        self.max_token_chars = 16
 
     @property
     def ready(self) -> bool:
@@ -105,10 +117,16 @@ class NativeBackend:
             engine = Engine.load(self.config.model, device=self.config.device, dtype=self.config.dtype,
                                  attn_implementation=self.config.attn_implementation)
         self.engine = engine
+        self.image_token = getattr(engine.processor, "image_token", None) or "<image>"
+        # The longest token's spelling bounds the characters one token can cover, so a text over
+        # context_length * max_token_chars characters cannot fit, and is refused untokenised.
+        self.max_token_chars = max(1, max((len(t) for t in engine.tokenizer.get_vocab()), default=16))
+        from ..infer.engine import ChatRequest
+
+        engine.prepare(ChatRequest([{"role": "user", "content": "ready?"}]))  # warm the preparer
         self.scheduler = BatchScheduler(engine, max_batch=self.config.max_batch,
                                         max_wait_ms=self.config.max_wait_ms,
-                                        max_queue=self.config.limits.max_queue,
-                                        check=self._check_fits)
+                                        max_queue=self.config.limits.max_queue)
 
     def close(self) -> None:
         """Stop the batching worker (queued requests get 503)."""
@@ -121,16 +139,54 @@ class NativeBackend:
             return {}
         s = self.scheduler.stats
         return {"queued": self.scheduler.queued, "batches": s.batches, "requests": s.requests,
-                "max_batch_seen": s.max_batch_seen, "cancelled": s.cancelled}
+                "max_batch_seen": s.max_batch_seen, "cancelled": s.cancelled,
+                "failed_batches": s.failed_batches, "retried_alone": s.retried_alone}
 
-    def _check_fits(self, request: Any) -> None:
-        # Runs in the worker thread, right before the batch: the tokenizer is not thread-safe,
-        # so prompts are measured by the same thread that generates.
-        n = self.engine.count_tokens(request)
-        if n >= self.engine.context_length:
-            raise APIError(400, f"the prompt has {n} tokens (images included); this model's context "
-                                f"length is {self.engine.context_length}", "invalid_request_error",
+    def precheck(self, chat: ParsedChat) -> None:
+        """Cheap checks on the event loop, before any tokenising or image work.
+
+        Raises:
+            APIError: 400 ``context_length_exceeded`` when the text has more characters than the
+                context could hold even at the longest token per position; 400
+                ``image_token_in_text`` when a text contains the model's image placeholder.
+        """
+        ctx = self.engine.context_length
+        parts = chat.text_parts()
+        chars = sum(len(text) for _param, text in parts)
+        bound = ctx * self.max_token_chars
+        if chars > bound:
+            raise APIError(400, f"the messages hold {chars:,} characters of text; this model's context "
+                                f"of {ctx:,} tokens holds at most {bound:,} characters ({self.max_token_chars} "
+                                f"per token at most); shorten the conversation", "invalid_request_error",
                            "messages", "context_length_exceeded")
+        for param, text in parts:
+            if self.image_token in text:
+                raise APIError(400, f"{param}: the text contains '{self.image_token}', the model's image "
+                                    f"placeholder; send images as image_url parts (the server places "
+                                    f"them) and remove '{self.image_token}' from the text",
+                               "invalid_request_error", param, "image_token_in_text")
+
+    def prepare(self, chat: ParsedChat) -> None:
+        """Decode the images and build the engine's prepared request (blocking; runs in one of the
+        preparation threads, never the generation thread). Sets ``chat.engine_request``.
+
+        Raises:
+            APIError: 400 for an image that cannot be used, a prompt over the context length or
+                any other request the engine refuses.
+        """
+        decode_images(chat, self.config.limits)
+        request = self._engine_request(chat)
+        try:
+            request.prepared = self.engine.prepare(request)
+        except LlavamedError as exc:
+            code = "context_length_exceeded" if "context length" in exc.message else "invalid_request"
+            raise APIError(400, exc.message + (f"; {exc.hint}" if exc.hint else ""),
+                           "invalid_request_error", "messages", code) from None
+        # The pixels now live in the prepared tensors: let the decoded images go.
+        request.messages = _without_images(request.messages)
+        for ref in chat.images:
+            ref.image = None
+        chat.engine_request = request
 
     def _engine_request(self, chat: ParsedChat) -> Any:
         from ..infer.engine import ChatRequest, GenerationParams
@@ -142,8 +198,10 @@ class NativeBackend:
 
     def _submit(self, chat: ParsedChat, sink: Callable[[str, Any], None], stream: bool) -> Job:
         assert self.scheduler is not None
+        if chat.engine_request is None:
+            raise RuntimeError("the request was not prepared")
         try:
-            return self.scheduler.submit(self._engine_request(chat), sink, stream=stream)
+            return self.scheduler.submit(chat.engine_request, sink, stream=stream)
         except QueueFull:
             raise APIError(429, f"the server is busy ({self.scheduler.max_queue} requests queued); "
                                 f"retry shortly", "rate_limit_error", None, "queue_full",

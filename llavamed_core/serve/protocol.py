@@ -1,14 +1,13 @@
 """The OpenAI chat-completions protocol: parse and check a request, shape responses and chunks.
 
 :func:`parse_chat_request` turns a JSON body into a :class:`ParsedChat` (schema errors → 422,
-body/image errors → 400, see :mod:`.api_errors`); :func:`load_images` then fetches and decodes
-its images. Responses follow the ``chat.completion`` and ``chat.completion.chunk`` objects of the
-OpenAI API (shared/FORMATS.md, "OpenAI-compatible chat API").
+body/image errors → 400, see :mod:`.api_errors`); :func:`fetch_remote_images` then downloads its
+remote images and :func:`decode_images` (in a worker thread) decodes them all. Responses follow the ``chat.completion`` and ``chat.completion.chunk`` objects of the
+OpenAI API (docs/formats.md, "OpenAI-compatible chat API").
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,13 +15,15 @@ from typing import Any
 
 from .api_errors import bad_request, invalid_field
 from .config import RemoteImagePolicy, ServeLimits
-from .images import decode_data_url, fetch_remote_image, is_remote_url, open_image, to_data_url
+from .images import (decode_data_url, fetch_remote_image, is_medical, is_remote_url, open_image,
+                     png_data_url, to_data_url)
 
-__all__ = ["ImageRef", "ParsedChat", "parse_json_body", "parse_chat_request", "load_images",
-           "completion_body", "chunk_body", "redact_body"]
+__all__ = ["ImageRef", "ParsedChat", "parse_json_body", "parse_chat_request", "fetch_remote_images",
+           "decode_images", "completion_body", "chunk_body", "redact_body"]
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _MAX_STOP = 4
+_SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # the range a sampler seed can take
 
 
 @dataclass
@@ -64,6 +65,19 @@ class ParsedChat:
     """Answer as Server-Sent Events."""
     include_usage: bool = False
     """With ``stream``, send a last chunk carrying ``usage``."""
+    engine_request: Any = None
+    """The backend's ready-to-run request, once prepared (native: a prepared ``ChatRequest``)."""
+
+    def text_parts(self) -> list[tuple[str, str]]:
+        """``(param, text)`` of every text in the messages, ``param`` naming its request field."""
+        out = []
+        for i, m in enumerate(self.messages):
+            if isinstance(m["content"], str):
+                out.append((f"messages[{i}].content", m["content"]))
+            else:
+                out += [(f"messages[{i}].content[{j}].text", p["text"])
+                        for j, p in enumerate(m["content"]) if p["type"] == "text"]
+        return out
 
     @property
     def images(self) -> list[ImageRef]:
@@ -95,6 +109,8 @@ class ParsedChat:
 
 
 def _inline_url(ref: ImageRef) -> str:
+    if ref.image is not None and is_medical(ref.data, ref.media_type):
+        return png_data_url(ref.image)  # DICOM/NIfTI: forward the rendered picture, not the file
     return to_data_url(ref.data, ref.media_type) if is_remote_url(ref.url) else ref.url
 
 
@@ -129,8 +145,10 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open
     v = body.get(name)
     if v is None:
         return default
-    if not _is_num(v) or v != v:
+    if not _is_num(v):
         raise invalid_field(f"'{name}' must be a number, got {json.dumps(v)[:40]}", name, "invalid_type")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise invalid_field(f"'{name}' must be a finite number, got {v}", name)
     if v > hi or v < lo or (lo_open and v == lo):
         bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
         raise invalid_field(f"'{name}' must be in {bound}, got {v:g}", name)
@@ -197,6 +215,9 @@ def parse_chat_request(body: dict, limits: ServeLimits) -> ParsedChat:
     if seed is not None:
         if not _is_int(seed):
             raise invalid_field("'seed' must be an integer", "seed", "invalid_type")
+        if not _SEED_MIN <= seed <= _SEED_MAX:
+            raise invalid_field(f"'seed' must be between -2**63 and 2**64-1, got {str(seed)[:40]}",
+                                "seed")
         chat.seed = seed
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
@@ -264,29 +285,30 @@ def _parse_message(m: Any, i: int) -> dict:
     return {"role": role, "content": parts}
 
 
-async def load_images(chat: ParsedChat, limits: ServeLimits, policy: RemoteImagePolicy,
-                      client: Any) -> None:
-    """Fetch (remote, when allowed) and decode every image of ``chat`` in place.
+async def fetch_remote_images(chat: ParsedChat, limits: ServeLimits, policy: RemoteImagePolicy,
+                              client: Any) -> None:
+    """Download the ``http(s)`` images of ``chat`` (when the policy allows them), in place.
 
-    Decoding runs in a worker thread so the event loop keeps serving other clients.
+    Raises:
+        APIError: 400 for a remote image that is refused or cannot be fetched.
+    """
+    for ref in chat.images:
+        if is_remote_url(ref.url):
+            ref.data, ref.media_type = await fetch_remote_image(ref.url, ref.param, policy, limits, client)
+
+
+def decode_images(chat: ParsedChat, limits: ServeLimits) -> None:
+    """Decode every image of ``chat`` in place (blocking: run it in a worker thread).
+
+    Data URLs are base64-decoded; each image's size is checked from its header before decoding.
 
     Raises:
         APIError: 400 for any image that cannot be used.
     """
-    refs = chat.images
-    if not refs:
-        return
-    for ref in refs:
-        if is_remote_url(ref.url):
-            ref.data, ref.media_type = await fetch_remote_image(ref.url, ref.param, policy, limits, client)
-
-    def decode_all() -> None:
-        for r in refs:
-            if not is_remote_url(r.url):
-                r.data, r.media_type = decode_data_url(r.url, r.param, limits)
-            r.image = open_image(r.data, r.param, limits)
-
-    await asyncio.to_thread(decode_all)
+    for r in chat.images:
+        if not is_remote_url(r.url):
+            r.data, r.media_type = decode_data_url(r.url, r.param, limits)
+        r.image = open_image(r.data, r.param, limits, r.media_type)
 
 
 def completion_body(request_id: str, model: str, created: int, text: str, finish_reason: str,

@@ -8,6 +8,10 @@ request waits at most ``max_wait_ms``. The queue is bounded (:class:`QueueFull` 
 whose client went away is cancelled: dropped if still queued, stopped through the engine's
 ``should_stop`` if running, so its slot is freed.
 
+Requests never share a fate: when the engine fails on a batch, each of its requests is run again
+alone, so only a request that fails by itself gets an error (a streamed one that already got text
+is resumed without repeating it, or fails if its answer comes out different).
+
 The worker talks to the asyncio side only through each job's ``sink`` callable, so this module
 knows nothing of HTTP or event loops.
 """
@@ -22,9 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import LlavamedError
+
 __all__ = ["Job", "BatchScheduler", "QueueFull", "SchedulerClosed", "SchedulerStats"]
 
 log = logging.getLogger("llavamed.serve")
+
+_EXPECTED = (LlavamedError,)
+"""Errors the engine raises on purpose for a bad request (logged without a traceback)."""
 
 Sink = Callable[[str, Any], None]
 """``sink(kind, payload)`` with kind ``"delta"`` (new text), ``"done"`` (a GenerationResult) or
@@ -59,6 +68,8 @@ class Job:
     """How many requests its batch held."""
     cancelled: bool = False
     """Set by :meth:`cancel` (any thread); read by the worker and the engine's ``should_stop``."""
+    sent: list[str] = field(default_factory=list)
+    """The deltas delivered so far (kept to resume a stream when its batch is retried)."""
 
     def cancel(self) -> None:
         """Give up on this job: dropped if queued, stopped at the next token if running."""
@@ -77,6 +88,10 @@ class SchedulerStats:
     """Largest batch run."""
     cancelled: int = 0
     """Requests cancelled before or during generation."""
+    failed_batches: int = 0
+    """Batches the engine failed on (their requests were then run one by one)."""
+    retried_alone: int = 0
+    """Requests run again alone after their batch failed."""
 
 
 class BatchScheduler:
@@ -185,34 +200,86 @@ class BatchScheduler:
 
         def on_delta(i: int, text: str) -> None:
             if batch[i].stream and not batch[i].cancelled:
+                batch[i].sent.append(text)
                 _deliver(batch[i], "delta", text)
 
-        def should_stop(i: int) -> bool:
-            return batch[i].cancelled
-
-        streaming = any(j.stream for j in batch)
         try:
-            results = self.engine.generate([j.request for j in batch], batch_size=len(batch),
-                                           on_delta=on_delta if streaming else None,
-                                           should_stop=should_stop)
-        except Exception as exc:  # the engine failed: every request of the batch gets a 500
-            log.exception("generation failed for a batch of %d", len(batch))
+            results = self._generate(batch, on_delta)
+        except Exception as exc:
             self._finish(batch)
+            if len(batch) == 1:  # the request failed alone: its own error
+                log.error("generation failed for one request (%s: %s)", type(exc).__name__, exc,
+                          exc_info=not isinstance(exc, _EXPECTED))
+                _deliver(batch[0], "error", exc)
+                return
+            # One bad row must not fail the others: run each request again, alone.
+            log.warning("generation failed for a batch of %d (%s: %s); running its requests one "
+                        "at a time", len(batch), type(exc).__name__, exc, exc_info=not isinstance(exc, _EXPECTED))
+            self.stats.failed_batches += 1
             for job in batch:
-                _deliver(job, "error", exc)
+                self._run_alone(job)
             return
         self._finish(batch)
-        if len(results) != len(batch):
-            err = RuntimeError(f"engine returned {len(results)} results for {len(batch)} requests")
-            log.error("%s", err)
-            for job in batch:
-                _deliver(job, "error", err)
-            return
         for job, res in zip(batch, results):
             if job.cancelled:
                 self.stats.cancelled += 1
             _deliver(job, "done", res)
 
+    def _generate(self, batch: list[Job], on_delta: Callable[[int, str], None]) -> list:
+        def should_stop(i: int) -> bool:
+            return batch[i].cancelled
+
+        streaming = any(j.stream for j in batch)
+        results = self.engine.generate([j.request for j in batch], batch_size=len(batch),
+                                       on_delta=on_delta if streaming else None,
+                                       should_stop=should_stop)
+        if len(results) != len(batch):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} requests")
+        return results
+
+    def _run_alone(self, job: Job) -> None:
+        """Run one request of a failed batch by itself; a stream resumes where its client is."""
+        if job.cancelled:
+            self.stats.cancelled += 1
+            return
+        self.stats.retried_alone += 1
+        sent = "".join(job.sent)
+        state = {"text": "", "diverged": False}
+
+        def on_delta(_i: int, text: str) -> None:
+            if job.cancelled or state["diverged"]:
+                return
+            before, after = state["text"], state["text"] + text
+            state["text"] = after
+            overlap = min(len(after), len(sent))
+            if after[:overlap] != sent[:overlap]:
+                state["diverged"] = True  # the client holds text this run did not produce
+                job.cancel()
+                return
+            if len(after) > len(sent):
+                new = after[max(len(before), len(sent)):]
+                job.sent.append(new)
+                _deliver(job, "delta", new)
+
+        job.started_at = time.monotonic()
+        job.batch_size = 1
+        try:
+            result = self._generate([job], on_delta)[0]
+        except Exception as exc:
+            self._finish([job])
+            log.error("generation failed for one request run alone (%s: %s)", type(exc).__name__,
+                      exc, exc_info=not isinstance(exc, _EXPECTED))
+            _deliver(job, "error", exc)
+            return
+        self._finish([job])
+        if state["diverged"] or (sent and not state["text"].startswith(sent)):
+            job.cancelled = False
+            _deliver(job, "error", RuntimeError("the streamed answer could not be resumed after its "
+                                                "batch failed"))
+            return
+        if job.cancelled:
+            self.stats.cancelled += 1
+        _deliver(job, "done", result)
 
     @staticmethod
     def _finish(batch: list[Job]) -> None:

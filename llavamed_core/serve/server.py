@@ -5,6 +5,11 @@ uvicorn log line and ``sys.exit``, and so ``port=0`` picks a free port whose URL
 serving (:attr:`Server.url`, and the first log line, which tests and benchmarks read). The model loads in the
 background after the server starts; if loading fails the server stops and the error is raised.
 
+Slow clients are cut off: a connection that has not sent a whole request head (request line and
+headers) ``header_timeout_s`` after it opened, or after its previous response, is closed
+(uvicorn itself only times out idle keep-alive connections); the body has its own timeout in the
+app (408).
+
 Use::
 
     run_server(ServeConfig(model=Path("ckpt/tiny"), port=8000))   # blocks until Ctrl-C
@@ -20,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelError, NetworkError
+from ..model.hub import resolve_served_model
 from .app import create_app
 from .config import ServeConfig
 
-__all__ = ["Server", "run_server", "bind_socket"]
+__all__ = ["Server", "run_server", "bind_socket", "header_timeout_protocol"]
 
 log = logging.getLogger("llavamed.serve")
 
@@ -61,6 +67,46 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def header_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request head is not complete
+    ``timeout_s`` after the connection opened or its last response ended."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _head_timer: Any = None
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(timeout_s, self._head_timeout)
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            # IDLE: the peer has not finished a request line and headers since the timer started.
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.info("closing a connection from %s: no complete request head within %g s",
+                         self.client[0] if self.client else "?", timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
 class Server:
     """A bound, ready-to-run server: the socket is open (``url`` known) before :meth:`run`.
 
@@ -81,7 +127,7 @@ class Server:
         import uvicorn
 
         config.validate()
-        model = Path(config.model)
+        model = resolve_served_model(config)  # a directory, or a Hub id org/name[@rev] fetched
         if not model.is_dir():
             raise ModelError(f"--model {model}: no such checkpoint directory",
                              "make one with `llavamed weights init --preset tiny --out ckpt/tiny`")
@@ -97,7 +143,8 @@ class Server:
         """The base URL, e.g. ``http://127.0.0.1:8000``."""
         self._uv = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, access_log=False,
                                                  log_config=None, timeout_graceful_shutdown=10,
-                                                 lifespan="on"))
+                                                 lifespan="on",
+                                                 http=header_timeout_protocol(config.limits.header_timeout_s)))
         self.state.on_fatal = self.stop
 
     def stop(self) -> None:

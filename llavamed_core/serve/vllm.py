@@ -1,6 +1,6 @@
 """``--engine vllm``: launch vLLM's OpenAI server for the checkpoint and put our API in front of it.
 
-vLLM pins its own torch and transformers, so it lives in its own environment (shared/ENV.md) and
+vLLM pins its own torch and transformers, so it lives in its own environment (see docs/chat-and-serve.md) and
 runs as a separate program: we find its ``vllm`` executable (``--vllm-bin`` or ``PATH``), start
 ``vllm serve CKPT --host 127.0.0.1 --port <internal> --served-model-name NAME
 --tensor-parallel-size N --gpu-memory-utilization F [EXTRA...]``, wait for its ``/health``, and
@@ -32,9 +32,13 @@ from ..errors import DependencyError, ModelError
 from .api_errors import APIError, error_body
 from .config import ServeConfig
 from .native import RequestContext
-from .protocol import ParsedChat
+from .protocol import ParsedChat, decode_images
 
-__all__ = ["find_vllm", "build_vllm_command", "VllmBackend", "INSTALL_HINT"]
+__all__ = ["find_vllm", "build_vllm_command", "check_vllm_checkpoint", "checkpoint_stop_strings",
+           "VllmBackend", "INSTALL_HINT"]
+
+# Projector activations vLLM's Llava implementation accepts (its get_act_fn names).
+_VLLM_ACTIVATIONS = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu"}
 
 log = logging.getLogger("llavamed.serve")
 
@@ -60,6 +64,38 @@ def find_vllm(vllm_bin: str | os.PathLike | None = None) -> Path:
     if found is None:
         raise DependencyError("vLLM is not installed here: no `vllm` executable on PATH", INSTALL_HINT)
     return Path(found)
+
+
+def check_vllm_checkpoint(model: str | os.PathLike) -> None:
+    """Refuse, before vLLM starts, a checkpoint vLLM cannot run: a projector activation it does
+    not know (``projector_hidden_act: linear``, the LLaVA-Med v1 single linear projector).
+
+    Raises:
+        ModelError: one line with what to do instead.
+    """
+    path = Path(model) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the checkpoint checks elsewhere name a missing or broken config
+    act = cfg.get("projector_hidden_act") if isinstance(cfg, dict) else None
+    if isinstance(act, str) and act not in _VLLM_ACTIVATIONS:
+        what = "the LLaVA-Med v1 single linear projector" if act == "linear" else "an activation"
+        raise ModelError(f"{path}: projector_hidden_act is '{act}' ({what}), which vLLM cannot run",
+                         "serve this checkpoint with --engine native (the default); vLLM runs v1.5-style "
+                         "checkpoints (projector_hidden_act gelu)")
+
+
+def checkpoint_stop_strings(model: str | os.PathLike) -> list[str]:
+    """The checkpoint's stop strings (``generation_config.json``: ``llavamed_stop_strings``, or
+    ``stop_strings`` from an older llavamed), which vLLM does not read itself."""
+    from ..model.compat import read_stop_strings
+
+    try:
+        gen = json.loads((Path(model) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return read_stop_strings(gen) if isinstance(gen, dict) else []
 
 
 def build_vllm_command(vllm_bin: str | os.PathLike, config: ServeConfig, port: int) -> list[str]:
@@ -105,11 +141,22 @@ class VllmBackend:
         self._healthy = False
         self._closing = False
         self._client: Any = None
+        self._stops: list[str] = checkpoint_stop_strings(config.model)
 
     @property
     def ready(self) -> bool:
         """vLLM answered ``/health`` and is still running."""
         return self._healthy and self.proc is not None and self.proc.poll() is None
+
+    def precheck(self, chat: ParsedChat) -> None:
+        """Nothing to check cheaply here: vLLM measures the prompt itself."""
+
+    def prepare(self, chat: ParsedChat) -> None:
+        """Decode the images to check them (blocking; in a preparation thread); vLLM gets the
+        original data URLs, so the decoded pixels are dropped."""
+        decode_images(chat, self.config.limits)
+        for ref in chat.images:
+            ref.image = None
 
     def stats(self) -> dict:
         """What ``/health`` shows about the child process."""
@@ -120,10 +167,12 @@ class VllmBackend:
 
         Raises:
             DependencyError: no ``vllm`` executable.
-            ModelError: vLLM exited or did not become healthy in time (its log is on stderr).
+            ModelError: a checkpoint vLLM cannot run (checked first), or vLLM exited or did not
+                become healthy in time (its log is on stderr).
         """
         import httpx
 
+        check_vllm_checkpoint(self.config.model)
         exe = find_vllm(self.config.vllm.bin)
         port = self.config.vllm.port or free_port()
         self.base_url = f"http://127.0.0.1:{port}"
@@ -193,6 +242,12 @@ class VllmBackend:
         if chat.max_tokens is not None:
             fwd.pop("max_completion_tokens", None)
             fwd["max_tokens"] = chat.max_tokens
+        if self._stops:
+            # The checkpoint's stop strings (v1: "###"), which vLLM does not take from the
+            # checkpoint, with the request's own.
+            own = fwd.get("stop")
+            own = [own] if isinstance(own, str) else list(own or [])
+            fwd["stop"] = own + [s for s in self._stops if s not in own]
         return fwd
 
     async def _send(self, chat: ParsedChat, body: dict) -> Any:

@@ -33,7 +33,7 @@ class TrainConfig:
     Attributes:
         stage: ``"align"``, ``"instruct"`` or ``"finetune"`` (:data:`~llavamed_core.train.stages.STAGES`).
         model: input checkpoint directory (a standard HF Llava checkpoint).
-        data: conversation file (JSON array or JSONL, shared/FORMATS.md).
+        data: conversation file (JSON array or JSONL, docs/formats.md).
         images: folder the records' ``image`` paths are relative to.
         out: output checkpoint directory (written atomically at the end).
         epochs: passes over the data (``None``: the stage preset's).
@@ -68,6 +68,8 @@ class TrainConfig:
             turn pairs until it fits (samples whose first exchange does not fit are dropped);
             ``"drop"`` drops them. Both are counted in the result.
         group_by_length: batch samples of similar length together (less padding, same data).
+        packing: put each per-device batch's samples end to end in one row (no padding; position
+            ids restart per sample and attention stays within each sample).
         num_workers: DataLoader worker processes (``None``: 0 on CPU, 4 on CUDA).
         overwrite: replace an existing ``out``.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: flash-attn on
@@ -106,6 +108,7 @@ class TrainConfig:
     device: str | None = None
     on_long: str = "truncate"
     group_by_length: bool = True
+    packing: bool = False
     num_workers: int | None = None
     overwrite: bool = False
     attn_implementation: str | None = None

@@ -26,10 +26,10 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, data_error
 from ..progress import ProgressCallback, emit
-from ..records import Conversation, load_conversations
+from ..records import Conversation, image_in_folder, load_conversations
 
 __all__ = ["DataStats", "EncodedSample", "ConversationEncoder", "SupervisedDataset", "PaddingCollator",
-           "load_training_conversations", "build_dataset", "image_token_count", "IGNORE_INDEX"]
+           "PackingCollator", "load_training_conversations", "build_dataset", "image_token_count", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 """Label value the loss ignores (prompt, image and padding positions)."""
@@ -175,11 +175,25 @@ class ConversationEncoder:
 
 
 def _check_image_header(path: Path) -> str | None:
-    """``None`` when ``path`` exists and opens as an image (header only), else the problem."""
+    """``None`` when ``path`` exists and opens as an image (header only), else the problem.
+
+    A DICOM or NIfTI file is rendered in full (truncation and missing pixel data show only then).
+    """
     from PIL import Image, UnidentifiedImageError
+
+    from ..errors import LlavamedError
+    from ..images import image_kind, load_image
 
     if not path.is_file():
         return "file not found"
+    with open(path, "rb") as fh:
+        medical = image_kind(fh.read(1024), path.name) != "image"
+    if medical:
+        try:
+            load_image(path)
+        except LlavamedError as exc:
+            return exc.message.removeprefix(f"{path}: ")[:160]
+        return None
     try:
         with Image.open(path) as im:
             im.size  # noqa: B018 - reading the header is the check
@@ -205,6 +219,8 @@ def load_training_conversations(data: Path, images: Path, check_images: bool = T
     convs = load_conversations(data, require_image=True, strict=True)
     if not convs:
         raise DataError(f"{data}: no records", "check that this is the conversation file you meant")
+    for conv in convs:  # an absolute path or '..' would read outside --images
+        image_in_folder(images, conv.image or "", data, conv.id)
     if check_images:
         workers = min(16, (os.cpu_count() or 2) * 2)
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -301,14 +317,12 @@ class SupervisedDataset:
 
     def load_pixels(self, sample: EncodedSample) -> Any:
         """The sample's image through the checkpoint's image processor, ``[3, H, W]`` float."""
-        from PIL import Image
+        from ..images import load_image
 
-        try:
-            with Image.open(sample.image) as im:
-                rgb = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise data_error(self.source, sample.record_id, "image",
-                             f"{sample.image}: does not decode ({str(exc).splitlines()[0][:160]})",
+        try:  # the project's one loader: DICOM/NIfTI windowed as chat, serve and eval show them
+            rgb = load_image(sample.image)
+        except DataError as exc:
+            raise data_error(self.source, sample.record_id, "image", exc.message,
                              "fix or remove the record") from None
         return self.image_processor(images=[rgb], return_tensors="pt")["pixel_values"][0]
 
@@ -352,6 +366,81 @@ class PaddingCollator:
             attention[i, :k] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
         pixels = [f["pixel_values"] for f in features if "pixel_values" in f]
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)
+        return batch
+
+
+class PackingCollator:
+    """Packs a batch's samples end to end into rows: no attention across samples, little padding.
+
+    Samples are placed, longest first, into the first row with room (first-fit decreasing); a row
+    holds at most ``max(row_tokens, longest sample)`` tokens, so attention never spans more than a
+    padded batch's row would. In a row the samples' ``input_ids`` and ``labels`` follow each other;
+    ``position_ids`` restart at 0 for each sample and there is no ``attention_mask``: transformers
+    then detects the packed format from the position ids and gives every sample a causal mask of
+    its own (block-diagonal; varlen kernels with flash-attention 2), as ``DataCollatorWithFlattening``
+    does. Rows shorter than the longest end with a padding segment of their own (labels −100). The
+    first label of every sample is −100, so no token is trained to predict across a boundary.
+    ``pixel_values`` are stacked in the order the samples appear (row by row): Llava scatters image
+    features into the ``<image>`` positions in that order. ``use_cache`` is off (with a KV cache the
+    model would not look for packed sequences). ``num_real_tokens`` carries the count of non-padding
+    tokens for the trainer's accounting (taken out before the model sees the batch).
+
+    Args:
+        pad_token_id: the tokenizer's pad id (for the padding segments).
+        row_tokens: a row's capacity in tokens (``None``: the batch's longest sample).
+        pad_to_multiple_of: round the row length up (8 helps tensor cores on GPU).
+    """
+
+    def __init__(self, pad_token_id: int, row_tokens: int | None = None, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = int(pad_token_id)
+        self.row_tokens = row_tokens
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def layout(self, lengths: list[int]) -> list[list[int]]:
+        """The sample indices of each row, in their order within the row."""
+        capacity = max(self.row_tokens or 0, max(lengths))
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+            for r, free in enumerate(room):
+                if lengths[i] <= free:
+                    rows[r].append(i)
+                    room[r] -= lengths[i]
+                    break
+            else:
+                rows.append([i])
+                room.append(capacity - lengths[i])
+        return rows
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = self.layout(lengths)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = (width + m - 1) // m * m
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        pixels = []
+        for r, row in enumerate(rows):
+            k = 0
+            for i in row:
+                f, n = features[i], lengths[i]
+                input_ids[r, k:k + n] = f["input_ids"]
+                labels[r, k:k + n] = f["labels"]
+                labels[r, k] = IGNORE_INDEX
+                positions[r, k:k + n] = torch.arange(n)
+                if "pixel_values" in f:
+                    pixels.append(f["pixel_values"])
+                k += n
+            positions[r, k:] = torch.arange(width - k)  # the padding is a segment of its own
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "use_cache": False,
+                 "num_real_tokens": torch.tensor(sum(lengths))}
         if pixels:
             batch["pixel_values"] = torch.stack(pixels)
         return batch

@@ -3,8 +3,9 @@
 Adapters go on the language model's attention and MLP projections; the projector is trained fully
 (``modules_to_save``), as LLaVA's LoRA recipe does. The vision tower stays frozen. At the end the
 adapters are merged into a standalone checkpoint, unless the user asks for the adapter alone.
-QLoRA loads the language model in 4-bit NF4 (bitsandbytes, CUDA only); its merge re-loads the
-base weights unquantised so the merged checkpoint is a normal one.
+QLoRA loads the language model's linear layers in 4-bit NF4 (bitsandbytes: CUDA, or its CPU
+backend); the vision tower, the projector and the output head stay unquantised. Its merge re-loads
+the base weights unquantised so the merged checkpoint is a normal one.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DependencyError, TrainingError
+from ..errors import DependencyError, TrainingError
 
-__all__ = ["LORA_TARGETS", "lora_config", "wrap_lora", "quantization_config", "merge_lora",
-           "adapter_state"]
+__all__ = ["LORA_TARGETS", "QLORA_SKIP_MODULES", "lora_config", "wrap_lora", "quantization_config",
+           "check_quantized_parts", "merge_lora", "adapter_state"]
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """Regular expression (PEFT matches it against full module names) for the LM's projections."""
+
+QLORA_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head",
+                      "vision_tower", "multi_modal_projector"]
+"""Modules QLoRA leaves unquantised. transformers 5 names them ``model.vision_tower.…`` and matches
+a pattern from the start of the name; the bare names keep older substring matching right."""
 
 
 def lora_config(r: int, alpha: int, dropout: float) -> Any:
@@ -52,26 +58,52 @@ def wrap_lora(model: Any, config: Any, linear_projector: bool) -> Any:
 
 
 def quantization_config(device: str) -> Any:
-    """The 4-bit NF4 ``BitsAndBytesConfig`` of QLoRA (language model only).
+    """The 4-bit NF4 ``BitsAndBytesConfig`` of QLoRA (the language model's linear layers only).
+
+    Computes in bf16 on CUDA and in float32 on the CPU (bitsandbytes' CPU backend).
 
     Raises:
-        ConfigError: not on CUDA.
-        DependencyError: bitsandbytes is not installed.
+        DependencyError: bitsandbytes is not installed, or has no 4-bit support on this device.
     """
     import torch
 
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise ConfigError("--qlora needs a CUDA GPU (4-bit kernels of bitsandbytes)",
-                          "use --lora on this machine")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise DependencyError("--qlora needs the bitsandbytes package", "pip install bitsandbytes") from None
+        raise DependencyError("--qlora needs the bitsandbytes package", "pip install 'llavamed[qlora]'") from None
+    except Exception as exc:  # a broken native library raises RuntimeError/OSError on import
+        raise DependencyError(f"--qlora: bitsandbytes does not load here ({str(exc).splitlines()[0]})",
+                              "reinstall it: pip install --force-reinstall bitsandbytes") from None
+    cuda = device.startswith("cuda")
+    if not cuda and "multi_backend" not in getattr(bitsandbytes, "features", set()):
+        raise DependencyError(f"--qlora on the CPU needs bitsandbytes ≥ 0.45 (installed: "
+                              f"{getattr(bitsandbytes, '__version__', '?')}, 4-bit kernels for CUDA only)",
+                              "pip install -U bitsandbytes, or train on a CUDA GPU")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16,
-                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+                              bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+                              llm_int8_skip_modules=list(QLORA_SKIP_MODULES))
+
+
+def check_quantized_parts(model: Any) -> int:
+    """Check that the 4-bit layers are the language model's linear layers, and only those.
+
+    Returns:
+        The number of 4-bit linear layers.
+
+    Raises:
+        TrainingError: a layer outside the language model was quantised, or none inside it.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    quantised = [name for name, m in model.named_modules() if isinstance(m, Linear4bit)]
+    outside = [n for n in quantised if ".language_model." not in f".{n}"]
+    if outside or not quantised:
+        raise TrainingError(f"--qlora: the 4-bit layers are not the language model's linear layers "
+                            f"({outside[0] if outside else 'none quantised'} …)",
+                            "this is a bug (transformers changed its module names?); use --lora meanwhile")
+    return len(quantised)
 
 
 def adapter_state(peft_model: Any, state: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import time
@@ -25,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, DataError, LlavamedError, TrainingError
 from ..io import atomic_dir, atomic_write_bytes, atomic_write_json
 from ..model.checkpoint import check_checkpoint_dir, hub_key, resolve_attn_implementation
 from ..progress import ProgressCallback, emit
 from .config import BatchPlan, TrainConfig, config_to_dict, plan_batch
-from .dataset import PaddingCollator, build_dataset, load_training_conversations
-from .parallel import deepspeed_config, fsdp_config, world_info
+from .dataset import PackingCollator, PaddingCollator, build_dataset, load_training_conversations
+from .parallel import (deepspeed_config, engage_fsdp_on_cpu, fsdp_config, fsdp_wrap_classes, mechanism_report,
+                       single_process_world, world_info)
 
 __all__ = ["TrainResult", "train", "apply_stage_freezing", "find_resume_checkpoint", "complete_checkpoints"]
 
@@ -66,6 +68,9 @@ class TrainResult:
         padding_share: share of the batches' token positions that were padding (this session).
         projector_path: ``mm_projector.safetensors`` (align only).
         merged: for LoRA runs, whether the adapters were merged into the output.
+        mechanism: what the training loop ran with, read from the prepared model
+            (:func:`~llavamed_core.train.parallel.mechanism_report`: DDP/FSDP2/DeepSpeed stage,
+            sharded parameters, LoRA adapters, 4-bit layers); also ``<run dir>/mechanism.json``.
     """
 
     out: Path
@@ -90,6 +95,7 @@ class TrainResult:
     padding_share: float | None = None
     projector_path: Path | None = None
     merged: bool | None = None
+    mechanism: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -112,8 +118,9 @@ def apply_stage_freezing(model: Any, trainable: tuple[str, ...]) -> None:
         if getattr(model.config, "projector_hidden_act", None) == "linear":
             projector.linear_2.requires_grad_(False)
     if "language_model" in trainable:
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
+        for p in (*model.model.language_model.parameters(), *model.lm_head.parameters()):
+            if p.is_floating_point():  # QLoRA's 4-bit weights are packed integers: they never train
+                p.requires_grad_(True)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -135,6 +142,8 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
     Raises:
         ConfigError: a fresh start would mix with an earlier run's checkpoints, or ``--resume DIR``
             is not a complete Trainer checkpoint.
+        TrainingError: the checkpoint is damaged (a file truncated or unreadable), or was written by
+            a run of another kind (LoRA or full weights, DeepSpeed, FSDP).
     """
     run_dir = cfg.resolved_run_dir
     done = complete_checkpoints(run_dir)
@@ -144,11 +153,17 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
                               "continue it with --resume auto, or start over with --overwrite")
         return None
     if cfg.resume == "auto":
-        return done[-1] if done else None
-    path = Path(cfg.resume)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume {path}: not a complete Trainer checkpoint (no trainer_state.json)",
-                          f"use --resume auto, or one of: {', '.join(p.name for p in done) or 'none yet'}")
+        path = done[-1] if done else None
+    else:
+        path = Path(cfg.resume)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"--resume {path}: not a complete Trainer checkpoint (no trainer_state.json)",
+                              f"use --resume auto, or one of: {', '.join(p.name for p in done) or 'none yet'}")
+    if path is not None:
+        from .resume import check_resume_checkpoint
+
+        check_resume_checkpoint(path, lora=cfg.lora or cfg.qlora, deepspeed=cfg.deepspeed is not None,
+                                fsdp=cfg.fsdp, verify_data=world_info().is_main)
     return path
 
 
@@ -233,7 +248,10 @@ def _training_arguments(cfg: TrainConfig, plan: BatchPlan, device: str, world_si
         kw["deepspeed"] = deepspeed_config(cfg.deepspeed)
     if cfg.fsdp:
         kw["fsdp"] = True
-        kw["fsdp_config"] = fsdp_config()
+        kw["fsdp_config"] = fsdp_config(fsdp_wrap_classes(cfg.model))
+    if cfg.qlora and (cfg.fsdp or cfg.deepspeed is not None):
+        raise ConfigError("--qlora with --fsdp/--deepspeed is not supported (4-bit weights do not shard)",
+                          "use --qlora with plain data parallelism (--gpus N), or --lora with --fsdp/--deepspeed")
     kw.update(cfg.overrides)
     try:
         return TrainingArguments(**kw)
@@ -247,13 +265,15 @@ def _load_model(cfg: TrainConfig, device: str, args: Any) -> Any:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    if cfg.deepspeed is not None and args.world_size > 1:
+    if cfg.deepspeed is not None:
         # ZeRO-3 partitions the weights while they load; DeepSpeed's communicator must know the
-        # world by then (the Trainer only sets it up later, at its first step).
+        # world by then (the Trainer only sets it up later, at its first step). A single process
+        # is a world of one (single_process_world), so this never goes looking for MPI.
         import deepspeed
 
         args.device  # noqa: B018 - sets up torch.distributed first
-        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo",
+                                   auto_mpi_discovery=False)
     kwargs: dict[str, Any] = {"dtype": torch.float32,
                               "attn_implementation": resolve_attn_implementation(device, cfg.attn_implementation)}
     if cfg.deepspeed is not None and (args.bf16 or args.fp16):
@@ -263,19 +283,29 @@ def _load_model(cfg: TrainConfig, device: str, args: Any) -> Any:
         from .lora import quantization_config
 
         kwargs["quantization_config"] = quantization_config(device)
-        kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": world_info().local_rank}
+        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
+        kwargs["device_map"] = {"": world_info().local_rank if device.startswith("cuda") else "cpu"}
     try:
-        return LlavaForConditionalGeneration.from_pretrained(cfg.model, **kwargs)
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.model, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise TrainingError(f"{cfg.model}: could not load the checkpoint ({str(exc).splitlines()[0]})",
                             "check that the directory is a complete checkpoint") from None
+    if cfg.qlora:
+        from .lora import check_quantized_parts
+
+        check_quantized_parts(model)
+    return model
 
 
 def _count_params(model: Any) -> tuple[int, int]:
+    """``(trainable, total)`` parameters: the logical count, not the storage (ZeRO-3 partitions
+    report their full size; a 4-bit weight packs two values per byte and counts as its matrix)."""
+    import math
+
     trainable = total = 0
     for p in model.parameters():
-        n = int(getattr(p, "ds_numel", 0) or p.numel())
+        quant = getattr(p, "quant_state", None)
+        n = int(getattr(p, "ds_numel", 0) or (math.prod(quant.shape) if quant is not None else p.numel()))
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
@@ -291,7 +321,8 @@ def _format_duration(seconds: float) -> str:
 def _make_trainer_classes() -> tuple[type, type, type]:
     """The Trainer subclass and its callbacks (built here so transformers loads lazily)."""
     from transformers import Trainer, TrainerCallback
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from .resume import load_adapter_weights, load_full_weights, make_length_grouped_sampler
 
     class LlavaTrainer(Trainer):
         """Trainer with length-grouped batches from precomputed lengths and token accounting."""
@@ -299,6 +330,8 @@ def _make_trainer_classes() -> tuple[type, type, type]:
         def __init__(self, *args: Any, lengths: list[int] | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.lengths = lengths
+            self.length_sampler: Any = None
+            self.add_callback(SamplerEpoch(self))
             self.real_tokens: Any = 0
             self.padded_tokens = 0
 
@@ -307,14 +340,36 @@ def _make_trainer_classes() -> tuple[type, type, type]:
             grouped = (getattr(self.args, "train_sampling_strategy", None) == "group_by_length"
                        or getattr(self.args, "group_by_length", False))
             if grouped and self.lengths is not None:
-                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                            lengths=self.lengths)
+                # The order depends on the seed and the epoch alone, so a resumed run sees the same batches.
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                self.length_sampler = make_length_grouped_sampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps, self.lengths, seed)
+                return self.length_sampler
             return super()._get_train_sampler(train_dataset)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            # The stock loader compares the saved (Hub layout) names with the live ones, loads what
+            # matches (nothing) and logs a warning; this one maps the names and loads strictly.
+            # DeepSpeed resumes through its engine instead (strict for full weights); FSDP through
+            # accelerate's sharded loader.
+            if self.is_fsdp_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            from peft import PeftModel
+
+            target = self.accelerator.unwrap_model(model if model is not None else self.model)
+            if isinstance(target, PeftModel):
+                load_adapter_weights(target, Path(resume_from_checkpoint))
+            else:
+                load_full_weights(target, Path(resume_from_checkpoint))
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
+            packed = inputs.pop("num_real_tokens", None)  # PackingCollator: a packed row, no mask
             mask = inputs.get("attention_mask")
-            if mask is not None and model.training:
+            if packed is not None and model.training:
+                self.real_tokens = packed.sum() + self.real_tokens
+                self.padded_tokens += inputs["input_ids"].numel()
+            elif mask is not None and model.training:
                 self.real_tokens = mask.sum() + self.real_tokens  # a tensor: no device sync per step
                 self.padded_tokens += mask.numel()
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -330,6 +385,18 @@ def _make_trainer_classes() -> tuple[type, type, type]:
                 t = self.accelerator.reduce(t, reduction="sum")
             return int(t[0].item()), int(t[1].item())
 
+    class SamplerEpoch(TrainerCallback):
+        """Tell the length-grouped sampler which epoch starts. The Trainer's own ``set_epoch`` does
+        not reach it in a resumed distributed run (accelerate's batch skipper wraps the batch
+        sharder, which wraps the sampler); a resumed run's state holds the epoch it stopped in."""
+
+        def __init__(self, trainer: Any):
+            self.trainer = trainer
+
+        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.trainer.length_sampler is not None:
+                self.trainer.length_sampler.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+
     class ProgressReporter(TrainerCallback):
         """Turns the Trainer's logs into ``train`` progress events (rank 0 only)."""
 
@@ -339,8 +406,10 @@ def _make_trainer_classes() -> tuple[type, type, type]:
             self.t0 = time.monotonic()
             self.step0 = 0
             self.last: dict[str, Any] = {}
+            self.began = False  # set once a resumed run's checkpoint has loaded (weights, optimizer)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.began = True
             self.t0 = time.monotonic()
             self.step0 = state.global_step
             if state.is_world_process_zero:
@@ -394,6 +463,16 @@ def _save_projector(state: dict[str, Any], out: Path) -> Path:
 
 
 def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainResult:
+    """Train one stage and write the output checkpoint (see :func:`_train`).
+
+    ``--deepspeed``/``--fsdp`` in a single process run in a distributed world of one
+    (:func:`~llavamed_core.train.parallel.single_process_world`), torn down afterwards.
+    """
+    with single_process_world(cfg.fsdp or cfg.deepspeed is not None):
+        return _train(cfg, progress)
+
+
+def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainResult:
     """Train one stage and write the output checkpoint.
 
     Args:
@@ -410,14 +489,14 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
         TrainingError: the run failed (out of memory, …).
     """
     cfg.check()
+    from .preflight import check_before_training
+    check_before_training(cfg)  # --report-to installed; --out/--run-dir clear of the inputs
     world = world_info()
     check_checkpoint_dir(cfg.model)
     if cfg.out.exists() and any(cfg.out.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"--out {cfg.out}: exists and is not empty", "choose another --out, or pass --overwrite")
     resume_from = find_resume_checkpoint(cfg)
     device = _device(cfg)
-    if cfg.qlora and not device.startswith("cuda"):
-        raise ConfigError("--qlora needs a CUDA GPU (4-bit kernels of bitsandbytes)", "use --lora on this machine")
 
     import torch
     from transformers import AutoConfig, AutoProcessor, PrinterCallback
@@ -460,11 +539,17 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
         atomic_write_json(run_dir / "train_config.json", config_dict)
 
     LlavaTrainer, ProgressReporter, NoExtraFinalSave = _make_trainer_classes()
-    collator = PaddingCollator(processor.tokenizer.pad_token_id, 8 if device.startswith("cuda") else None)
+    if cfg.packing:  # samples end to end in rows, attention kept within each sample
+        collator = PackingCollator(processor.tokenizer.pad_token_id, None, 8 if device.startswith("cuda") else None)
+    else:
+        collator = PaddingCollator(processor.tokenizer.pad_token_id, 8 if device.startswith("cuda") else None)
     trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                            processing_class=processor, lengths=dataset.lengths,
                            callbacks=[ProgressReporter(progress, plan.global_batch), NoExtraFinalSave()])
     trainer.remove_callback(PrinterCallback)
+    if cfg.fsdp:
+        engage_fsdp_on_cpu(trainer)  # accelerate engages FSDP by itself on GPUs only
+    reporter = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressReporter))
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except DataError as exc:
@@ -473,8 +558,19 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
         raise TrainingError(f"out of GPU memory at --per-device-batch {plan.per_device}",
                             "lower --per-device-batch (the global batch stays the same through gradient "
                             "accumulation), add --gradient-checkpointing, or use --deepspeed zero3") from None
+    except LlavamedError:
+        raise
+    except Exception as exc:
+        if resume_from is not None and not reporter.began:  # failed while loading the checkpoint
+            from .resume import resume_error
+
+            raise resume_error(resume_from, exc) from None
+        raise
 
     real, padded = trainer.token_counts()
+    mechanism = mechanism_report(trainer)
+    if world.is_main:
+        atomic_write_json(cfg.resolved_run_dir / "mechanism.json", mechanism)
     runtime = float(output.metrics.get("train_runtime", 0.0))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(
@@ -486,7 +582,7 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
         world_size=world.world_size, global_batch=plan.global_batch, per_device_batch=plan.per_device,
         grad_accum=plan.grad_accum, learning_rate=cfg.resolved_learning_rate(), trainable_params=trainable,
         total_params=total, padding_share=(1 - real / padded) if padded else None,
-        merged=(cfg.merge if lora_cfg is not None else None))
+        merged=(cfg.merge if lora_cfg is not None else None), mechanism=mechanism)
     _write_outputs(cfg, trainer, processor, lora_cfg, linear_projector, save_dtype, config_dict, args, result)
     return result
 
