@@ -28,7 +28,14 @@ import importlib.util
 mods = {"typer": "typer>=0.29,<0.30", "rich": "rich", "fastapi": "fastapi", "uvicorn": "uvicorn",
         "httpx": "httpx", "multipart": "python-multipart", "yaml": "pyyaml", "jinja2": "jinja2",
         "requests": "requests", "tabulate": "tabulate", "PIL": "pillow", "deepspeed": "deepspeed"}
-print(" ".join(f"'{req}'" for mod, req in mods.items() if importlib.util.find_spec(mod) is None))
+need = [req for mod, req in mods.items() if importlib.util.find_spec(mod) is None]
+try:  # the CLI needs Typer 0.29 (a typer-slim that came with other packages may be older)
+    import typer
+    if not typer.__version__.startswith("0.29."):
+        need.append("typer>=0.29,<0.30")
+except ImportError:
+    pass
+print(" ".join(f"'{req}'" for req in dict.fromkeys(need)))
 PY
 )
   t0=$(date +%s)

@@ -265,7 +265,7 @@ def _mechanism(trainer) -> dict:
     wrapped = trainer.model_wrapped
     out: dict = {"wrapper": type(wrapped).__name__, "model_class": type(trainer.model).__name__,
                  "attn_implementation": getattr(getattr(trainer.model, "config", None), "_attn_implementation", None),
-                 "bf16": bool(trainer.args.bf16)}
+                 "bf16": bool(trainer.args.bf16), "collator": type(trainer.data_collator).__name__}
     fsdp2 = fsdp1 = 0
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -426,6 +426,8 @@ def _mechanism_text(m: dict | None) -> str:
         bits.append(f"LoRA {m['lora_trainable_params'] / 1e6:.1f}M trained")
     if m.get("quantized_4bit_modules"):
         bits.append(f"4-bit ×{m['quantized_4bit_modules']}")
+    if m.get("collator") == "PackingCollator":
+        bits.append("packed rows")
     bits.append(f"attn {m.get('attn_implementation')}")
     return ", ".join(bits)
 
@@ -438,7 +440,7 @@ def render_markdown(report: dict) -> str:
     lines += ["## Serving", ""]
     sv = parts.get("serve")
     if not sv or sv.get("status") not in ("ok", "running"):
-        lines.append(f"- {_reason(sv)}")
+        lines += [f"- {_reason(sv)}", ""]
     if sv and sv.get("levels"):
         lines += ["| config | clients | requests | req/s | p50 ms | p99 ms | malformed → 4xx | errors | mean batch |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -4,7 +4,10 @@
 - ``llavamed chat [IMAGE]`` opens a conversation: answers stream as they are generated;
   ``/image PATH`` (or a path to an image file typed in a message) attaches an image and starts a
   new conversation about it, ``/reset`` forgets everything, ``/save FILE`` writes the conversation
-  as a conversation-format JSON file, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops an answer.
+  as a conversation-format JSON file, ``/help`` lists the commands, ``/exit`` (or Ctrl-D, or
+  Ctrl-C twice) leaves. Ctrl-C stops an answer or clears the line. On a terminal the line is
+  edited with readline: Up recalls earlier lines (kept in :func:`history_path`), Tab completes
+  commands and image paths.
 - DICOM (``.dcm``) and NIfTI (``.nii``, ``.nii.gz``) files are rendered as ``llavamed data view``
   shows them; ``--window``, ``--frame``, ``--slice``, ``--plane``, ``--volume`` choose how.
 - ``--model CKPT`` runs the model in this process; ``--server URL`` talks to any
@@ -24,7 +27,90 @@ from ._options import (DeviceOpt, DtypeOpt, FrameOpt, JsonOpt, PlaneOpt, SliceOp
                        WindowOpt, image_options)
 
 HELP_TEXT = ("Commands: /image PATH (attach an image; starts a new conversation), /reset, "
-             "/save FILE, /exit. A path to an image file typed in a message attaches it too.")
+             "/save FILE, /help, /exit. A path to an image file typed in a message attaches it too.")
+
+HELP_LONG = """\
+Commands:
+  /image PATH   attach an image (starts a new conversation); Tab completes the path
+  /reset        forget the conversation and the image
+  /save FILE    write the conversation as a conversation-format JSON file
+  /help         this text
+  /exit         leave (or Ctrl-D, or Ctrl-C twice)
+A path to an image file typed in a message attaches it too.
+Keys: Up/Down recall earlier lines (kept across sessions), Ctrl-A/Ctrl-E/Ctrl-W edit the line,
+Tab completes commands and paths, Ctrl-C clears the line or stops an answer."""
+
+COMMANDS = ("/image ", "/reset", "/save ", "/help", "/exit")
+
+
+def history_path() -> Path:
+    """Where the REPL keeps its line history: ``$LLAVAMED_HISTORY``, else
+    ``$XDG_STATE_HOME/llavamed/chat_history`` (``~/.local/state/llavamed/chat_history``)."""
+    import os
+
+    if os.environ.get("LLAVAMED_HISTORY"):
+        return Path(os.environ["LLAVAMED_HISTORY"]).expanduser()
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llavamed" / "chat_history"
+
+
+def complete(text: str, line: str) -> list[str]:
+    """Completions of ``text`` (the word under the cursor) in ``line``: command names at the start
+    of a line, else file paths (directories end with ``/``)."""
+    import glob
+    import os
+
+    if line.lstrip() == text and text.startswith("/") and not os.path.dirname(text):
+        return [c for c in COMMANDS if c.startswith(text)]
+    pattern = os.path.expanduser(text) + "*"
+    out = []
+    for m in sorted(glob.glob(pattern)):
+        if text.startswith("~"):
+            m = "~" + m[len(os.path.expanduser("~")):]
+        out.append(m + "/" if os.path.isdir(os.path.expanduser(m)) else m)
+    return out
+
+
+def _setup_readline() -> Any:
+    """Line editing, history (Up recalls) and Tab completion when stdin is a terminal.
+
+    Returns:
+        The ``readline`` module, or ``None`` (no terminal, or no readline on this platform).
+    """
+    if not sys.stdin.isatty():
+        return None
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline
+        return None
+    readline.parse_and_bind("set enable-bracketed-paste off")
+    readline.parse_and_bind("tab: complete")
+    readline.set_completer_delims(" \t\n")
+    matches: list[str] = []
+
+    def completer(text: str, state: int) -> Optional[str]:
+        if state == 0:
+            matches[:] = complete(text, readline.get_line_buffer())
+        return matches[state] if state < len(matches) else None
+
+    readline.set_completer(completer)
+    readline.set_history_length(1000)
+    try:
+        readline.read_history_file(history_path())
+    except (FileNotFoundError, OSError):
+        pass  # no history yet
+    return readline
+
+
+def _save_history(readline: Any) -> None:
+    if readline is None:
+        return
+    path = history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+    except OSError as exc:
+        _console.warn(f"could not save the chat history to {path}: {exc.strerror or exc}")
 
 
 def _open_engine(model: Optional[Path], base: Optional[Path], server: Optional[str],
@@ -41,6 +127,9 @@ def _open_engine(model: Optional[Path], base: Optional[Path], server: Optional[s
         return RemoteEngine.connect(server, api_key=api_key, model_name=model_name, concurrency=1)
     from llavamed_core.infer import Engine
 
+    if _console.err.is_terminal:  # a spinner for the few seconds the weights take to load
+        with _console.err.status(f"Loading {model} …", spinner="dots"):
+            return Engine.load(model, device=device, dtype=dtype, base=base)
     return Engine.load(model, device=device, dtype=dtype, base=base)
 
 
@@ -57,24 +146,45 @@ def _refuse_image_marker(text: Optional[str], where: str) -> None:
 
 def _repl(session: Any) -> None:
     """The interactive loop: read a line, run a command or stream the answer."""
-    from llavamed_core.errors import LlavamedError
-    from llavamed_core.infer.session import find_image_path
-
     _console.info(f"Chatting with {session.engine.model_name}. {HELP_TEXT}")
     if session.image_path:
         _console.info(f"image: {session.image_path}")
+    readline = _setup_readline()
+    try:
+        _loop(session)
+    finally:
+        _save_history(readline)
+
+
+def _loop(session: Any) -> None:
+    from llavamed_core.errors import LlavamedError
+    from llavamed_core.infer.session import find_image_path
+
+    interrupted = False
     while True:
         try:
             line = input("you> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D
             sys.stdout.write("\n")
             return
+        except KeyboardInterrupt:  # Ctrl-C: clear the line; twice in a row leaves
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if interrupted:
+                return
+            interrupted = True
+            _console.info("(Ctrl-C again or Ctrl-D to leave; /help for the commands)")
+            continue
+        interrupted = False
         line = line.strip()
         if not line:
             continue
         try:
             if line in ("/exit", "/quit"):
                 return
+            if line in ("/help", "/?"):
+                _console.info(HELP_LONG)
+                continue
             if line == "/reset":
                 session.reset()
                 _console.info("conversation and image cleared")
@@ -105,6 +215,9 @@ def _repl(session: Any) -> None:
                     continue
                 line = rest
             _refuse_image_marker(line, "the message")
+            if session.image is None and not session.history:
+                _console.warn("no image attached: the model answers from the text alone "
+                              "(attach one with /image PATH)")
             dropped = session.dropped
             sys.stdout.write("assistant> ")
             sys.stdout.flush()

@@ -82,9 +82,10 @@ def serve_command(
                         gpu_memory_utilization=gpu_memory_utilization, extra_args=extra),
     )
     if engine == "vllm":
-        from llavamed_core.serve.vllm import find_vllm
+        from llavamed_core.serve.vllm import check_vllm_checkpoint, find_vllm
 
         config.validate()
+        check_vllm_checkpoint(config.model)  # a v1 linear projector: refuse before binding
         find_vllm(vllm_bin)  # fail now, before binding, with the install hint
     _setup_logging()
     if key is None and host not in ("127.0.0.1", "localhost", "::1"):

@@ -138,3 +138,55 @@ def test_interactive_session(tiny_ckpt, engine, images, tmp_path):
     assert saved[0]["image"] == str(images[0])
     assert [t["value"] for t in saved[0]["conversations"]] == [
         "<image>\nIs there a lesion?", expected[0], "Where is it?", expected[1]]
+
+
+def test_repl_keys_history_help_and_ctrl_c(tiny_ckpt, images, tmp_path):
+    """On a terminal: /help, Up recalls the last line (no raw escape echoed), Tab completes an image
+    path, the history is kept in a file, a question without an image warns, and Ctrl-C clears the
+    line once and leaves (exit 0) the second time."""
+    hist = tmp_path / "hist"
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200", TERM="xterm", LLAVAMED_HISTORY=str(hist))
+    child = pexpect.spawn(sys.executable, ["-m", "llavamed_cli.main", "chat", "--model", str(tiny_ckpt), *GREEDY],
+                          env=env, encoding="utf-8", timeout=120, cwd=str(tmp_path))
+    try:
+        child.expect_exact("you> ")
+        child.sendline("/help")
+        child.expect_exact("Up/Down recall")
+        child.expect_exact("you> ")
+        child.send("\x1b[A")  # Up: recalls /help
+        child.send("\r")
+        child.expect_exact("Up/Down recall")
+        child.expect_exact("you> ")
+        assert "^[[A" not in child.before
+        child.sendline("hello")
+        child.expect_exact("no image attached")
+        child.expect_exact("assistant> ")
+        child.expect_exact("you> ")
+        child.send(f"/image {str(images[0])[:-5]}\t")  # Tab completes .../scan0 to .../scan0.png
+        child.send("\r")
+        child.expect_exact(f"image attached: {images[0]}")
+        child.expect_exact("you> ")
+        child.send("half a question")
+        child.sendintr()  # clears the line
+        child.expect_exact("Ctrl-C again")
+        child.expect_exact("you> ")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and child.signalstatus is None
+    assert "Traceback" not in child.before
+    lines = hist.read_text().splitlines()
+    assert "/help" in lines and "hello" in lines and "half a question" not in lines
+
+
+def test_repl_completion(tmp_path, monkeypatch):
+    from llavamed_cli.chat import complete
+
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scan1.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert complete("/im", "/im") == ["/image "]
+    assert complete("/", "/") == ["/image ", "/reset", "/save ", "/help", "/exit"]
+    assert complete("sca", "/image sca") == ["scan1.png", "scans/"]
+    assert complete("scans/", "what about scans/") == []

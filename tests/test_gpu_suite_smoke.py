@@ -61,6 +61,12 @@ def _check_train_row(row: str, t: dict) -> None:
     assert _number(t["tokens_per_s_run"]) and _number(t["tokens_per_s_steady"]), t
     assert t["steps"] == 2 and math.isfinite(t["final_loss"])
     assert t["mechanism"]["attn_implementation"] == "sdpa"
+    if row == "packing":
+        assert t["mechanism"]["collator"] == "PackingCollator"
+    if row == "fsdp2":
+        assert t["mechanism"]["fsdp2_modules"] > 0  # the mechanism engaged, not plain DDP
+    if row == "zero2":
+        assert t["mechanism"]["deepspeed_stage"] == 2
     if row == "lora":
         assert t["mechanism"]["lora_trainable_params"] > 0
         assert t["mechanism"]["wrapper"].startswith("Peft")

@@ -188,6 +188,10 @@ def test_hub_id_answers_like_the_local_path(hub, tiny_ckpt, tmp_path, monkeypatc
     assert by_id[:2] == local[:2]
     assert by_id[2] == "tiny"  # the repo's name, not the snapshot's commit folder
     assert any(r.startswith("GET /org/tiny/resolve/") for r in hub.requests)
+    from llavamed_core.eval.provenance import checkpoint_identity
+
+    assert checkpoint_identity("org/tiny@main")["fingerprint"] == checkpoint_identity(tiny_ckpt)["fingerprint"]
+    assert checkpoint_identity("org/tiny@main")["name"] == "tiny"
     snap = resolve_model("org/tiny")
     assert snap.is_dir() and str(tmp_path / "hf-home") in str(snap)
     assert (snap / "config.json").read_bytes() == (tiny_ckpt / "config.json").read_bytes()
@@ -237,6 +241,16 @@ def test_unknown_private_gated_revision_and_missing_path(hub, tiny_ckpt, tmp_pat
             resolve_model(spec, what="--model")
         assert expected in err.value.message, (spec, err.value.message)
         assert "\n" not in err.value.message and err.value.hint
+    # The Hub unreachable (nothing listens there), nothing cached.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    with pytest.raises(ModelError, match="could not be reached for org/elsewhere") as err:
+        resolve_model("org/elsewhere")
+    assert "HF_ENDPOINT" in err.value.hint
 
 
 def test_cli_chat_by_hub_id_and_the_one_line_error(hub, tiny_ckpt, tmp_path, monkeypatch, cli):
@@ -255,3 +269,31 @@ def test_cli_chat_by_hub_id_and_the_one_line_error(hub, tiny_ckpt, tmp_path, mon
     miss = cli(*args, "--model", "org/absent")
     assert miss.exit_code != 0
     assert "Error:" in miss.stderr and "org/absent" in miss.stderr and "Traceback" not in miss.stderr
+
+
+def test_serve_takes_a_hub_id(hub, tiny_ckpt, tmp_path, monkeypatch):
+    """``serve --model org/tiny``: the snapshot is served under the repo's name."""
+    from llavamed_core.model.hub import resolve_served_model
+    from llavamed_core.serve.config import ServeConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = ServeConfig(model="org/tiny@main")
+    path = resolve_served_model(cfg)
+    assert cfg.model == path and (path / "config.json").is_file() and cfg.model_name == "tiny"
+    named = ServeConfig(model="org/tiny", served_model_name="mine")
+    resolve_served_model(named)
+    assert named.model_name == "mine"
+    local = ServeConfig(model=tiny_ckpt)
+    assert resolve_served_model(local) == tiny_ckpt and local.model == tiny_ckpt
+
+
+def test_weights_commands_take_hub_ids(hub, tiny_ckpt, tmp_path, monkeypatch, cli):
+    """The weights commands open models through the same resolver: an id gives the bytes a path gives."""
+    monkeypatch.chdir(tmp_path)
+    by_path = cli("weights", "make-delta", "--base", tiny_ckpt, "--target", tiny_ckpt, "--out", tmp_path / "a")
+    by_id = cli("weights", "make-delta", "--base", "org/tiny@main", "--target", "org/tiny", "--out", tmp_path / "b")
+    assert by_path.exit_code == 0 and by_id.exit_code == 0, (by_path, by_id)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    miss = cli("weights", "apply-delta", "--base", "org/absent", "--delta", tmp_path / "a", "--out", tmp_path / "c")
+    assert miss.exit_code == 1 and "org/absent" in miss.stderr and "Traceback" not in miss.stderr
+    assert not (tmp_path / "c").exists()

@@ -235,3 +235,21 @@ def test_eval_nproc_on_a_gpu_machine_runs_cpu_workers(cli, tiny_ckpt, synth_data
     r = cli("eval", "vqa", "--model", tiny_ckpt, "--dataset", synth_data / "test.json", "--out", tmp_path / "ev2",
             "--max-new-tokens", "4", "--gpus", "2")
     assert r.exit_code == 1 and "--gpus 2: this machine has 1 CUDA GPU(s)" in r.stderr
+
+
+def test_lora_on_a_16bit_model_trains_in_one_dtype(tiny_ckpt):
+    """ZeRO-3 partitions all trained tensors as one buffer and asserts one dtype: under DeepSpeed on a
+    GPU the model is held in bf16, and fp32 adapters beside the bf16 projector copy stopped the run
+    (seen on an H200). Checked here on the CPU: the wrapped model trains in the model's dtype."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed_core.train import apply_stage_freezing
+    from llavamed_core.train.lora import lora_config, wrap_lora
+
+    for dtype in (torch.bfloat16, torch.float32):
+        model = LlavaForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=dtype)
+        apply_stage_freezing(model, ("projector", "language_model"))
+        peft_model = wrap_lora(model, lora_config(4, 8, 0.0), linear_projector=False)
+        trained = {p.dtype for p in peft_model.parameters() if p.requires_grad}
+        assert trained == {dtype}

@@ -56,15 +56,15 @@ def _assert_same_tensors(a: dict, c: dict) -> None:
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
 
 
-def _assert_resume_matches(root: Path, trained_file: str) -> None:
+def _assert_resume_matches(root: Path, trained_file: str, a: str = "A", c: str = "C") -> None:
     import torch
 
-    a_run, c_run = root / "A.run", root / "C.run"
+    a_run, c_run = root / f"{a}.run", root / f"{c}.run"
     # The test can fail: the weights moved well beyond the tolerance between step K and step N.
     at_k, at_n = weights_file(a_run / f"checkpoint-{K}", trained_file), weights_file(a_run / f"checkpoint-{N}", trained_file)
     assert max((at_k[k] - at_n[k]).abs().max().item() for k in at_k) > 1e-3
     # Every tensor of the outputs and of the last Trainer checkpoints is A's.
-    _assert_same_tensors(weights(root / "A"), weights(root / "C"))
+    _assert_same_tensors(weights(root / a), weights(root / c))
     _assert_same_tensors(at_n, weights_file(c_run / f"checkpoint-{N}", trained_file))
     la, lc = _losses(a_run / f"checkpoint-{N}"), _losses(c_run / f"checkpoint-{N}")
     assert sorted(la) == sorted(lc) == list(range(1, N + 1))
@@ -80,33 +80,81 @@ def weights_file(ckpt: Path, name: str) -> dict:
     return load_file(str(ckpt / name))
 
 
+MODES = {  # name: (TrainConfig options, the trained weights file of a Trainer checkpoint)
+    "full": ({}, "model.safetensors"),
+    "lora": ({"lora": True}, "adapter_model.safetensors"),
+    "zero3": ({"deepspeed": "zero3"}, "model.safetensors"),
+    "zero2-lora": ({"deepspeed": "zero2", "lora": True}, "adapter_model.safetensors"),
+    "fsdp": ({"fsdp": True}, "model.safetensors"),
+}
+ENGINE = {"zero3": "DEEPSPEED", "zero2-lora": "DEEPSPEED", "fsdp": "FSDP"}
+
+
 @pytest.fixture(scope="module")
-def full_run(tiny_ckpt, synth_data, tmp_path_factory):
-    """Run A (full training, N steps, a checkpoint every K) and run C resumed from A's checkpoint-K."""
+def runs(tiny_ckpt, synth_data, tmp_path_factory):
+    """``runs(mode)``: run A (N steps, a checkpoint every K) and run C resumed from A's
+    checkpoint-K, in one process (DeepSpeed and FSDP in a world of one), made once per mode."""
     from llavamed_core.train import train
 
-    root = tmp_path_factory.mktemp("resume_full")
-    data = _data(synth_data, root)
-    images = synth_data / "images"
-    train(_config(tiny_ckpt, data, images, root / "A"))
-    result = train(_config(tiny_ckpt, data, images, root / "C", resume=str(root / "A.run" / f"checkpoint-{K}")))
-    return root, data, images, result
+    done: dict[str, tuple] = {}
+
+    def get(mode: str) -> tuple:
+        if mode not in done:
+            if MODES[mode][0].get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+                pytest.skip("deepspeed is not installed (pip install 'llavamed[deepspeed]')")
+            root = tmp_path_factory.mktemp(f"resume_{mode}")
+            data, images, opts = _data(synth_data, root), synth_data / "images", MODES[mode][0]
+            train(_config(tiny_ckpt, data, images, root / "A", **opts))
+            result = train(_config(tiny_ckpt, data, images, root / "C", **opts,
+                                   resume=str(root / "A.run" / f"checkpoint-{K}")))
+            done[mode] = (root, data, images, result)
+        return done[mode]
+
+    return get
 
 
-def test_full_resume_equals_uninterrupted_run(full_run):
-    root, _, _, result = full_run
+@pytest.fixture
+def full_run(runs):
+    return runs("full")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resume_equals_uninterrupted_run(runs, mode):
+    root, _, _, result = runs(mode)
     assert result.steps == N and result.resumed_from == root / "A.run" / f"checkpoint-{K}"
-    _assert_resume_matches(root, "model.safetensors")
+    if mode in ENGINE:  # the sharding named really ran
+        assert result.mechanism["distributed"] == ENGINE[mode], result.mechanism
+    _assert_resume_matches(root, MODES[mode][1])
 
 
-def test_lora_resume_equals_uninterrupted_run(tiny_ckpt, synth_data, tmp_path):
+def test_resume_auto_after_sigkill_equals_uninterrupted_run(runs, tiny_ckpt):
+    """The filed case: the same command killed with SIGKILL after its checkpoint at step K, then
+    run again with --resume auto, ends where the uninterrupted run A ends."""
+    import os
+    import signal
+    import time
+
     from llavamed_core.train import train
 
-    data, images = _data(synth_data, tmp_path), synth_data / "images"
-    train(_config(tiny_ckpt, data, images, tmp_path / "A", lora=True))
-    train(_config(tiny_ckpt, data, images, tmp_path / "C", lora=True,
-                  resume=str(tmp_path / "A.run" / f"checkpoint-{K}")))
-    _assert_resume_matches(tmp_path, "adapter_model.safetensors")
+    root, data, images, _ = runs("full")
+    args = [sys.executable, "-m", "llavamed_cli.main", "train", "instruct", "--model", str(tiny_ckpt),
+            "--data", str(data), "--images", str(images), "--out", str(root / "B"), "--max-steps", str(N),
+            "--global-batch", "4", "--save-steps", str(K), "--lr", "1e-3", "--seed", "7"]
+    state = root / "B.run" / f"checkpoint-{K}" / "trainer_state.json"
+    proc = subprocess.Popen(args, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (root / "B").exists()
+    result = train(_config(tiny_ckpt, data, images, root / "B", resume="auto"))
+    assert result.resumed_from is not None and result.resumed_from.parent == root / "B.run"
+    if result.resumed_from.name == f"checkpoint-{K}":
+        _assert_resume_matches(root, "model.safetensors", c="B")
+    else:  # the kill came after the last checkpoint: nothing left to train
+        _assert_same_tensors(weights(root / "A"), weights(root / "B"))
 
 
 def _copy_checkpoint(root: Path, dst: Path) -> Path:
@@ -159,6 +207,63 @@ def test_missing_weight_fails_naming_the_key(tiny_ckpt, full_run, tmp_path):
     save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(TrainingError, match=r"missing multi_modal_projector\.linear_1\.bias"):
         train(_config(tiny_ckpt, data, images, tmp_path / "C", resume=str(ckpt)))
+
+
+def _rename_in_safetensors(path: Path, key: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    state[key + "_renamed"] = state.pop(key)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _rename_in_torch_file(path: Path, key: str, deepspeed: bool) -> None:
+    import torch
+
+    obj = torch.load(path, weights_only=not deepspeed)
+    state = obj["module"] if deepspeed else obj
+    state[key + "_renamed"] = state.pop(key)
+    torch.save(obj, path)
+
+
+@pytest.mark.parametrize("mode", ["lora", "zero2-lora", "fsdp"])
+def test_renamed_tensor_fails_naming_it(runs, tiny_ckpt, tmp_path, mode):
+    """The loaders that would let a mismatch pass (PEFT's, DeepSpeed's for LoRA, accelerate's for
+    FSDP2) are checked by name first."""
+    from llavamed_core.errors import TrainingError
+    from llavamed_core.train import train
+
+    root, data, images, _ = runs(mode)
+    ckpt = _copy_checkpoint(root, tmp_path)
+    lora_key = "model.language_model.layers.1.self_attn.v_proj.lora_B"
+    if mode == "lora":
+        key = f"base_model.model.{lora_key}.weight"
+        _rename_in_safetensors(ckpt / "adapter_model.safetensors", key)
+    elif mode == "zero2-lora":
+        key = f"base_model.model.{lora_key}.default.weight"
+        _rename_in_torch_file(ckpt / f"global_step{K}" / "mp_rank_00_model_states.pt", key, deepspeed=True)
+    else:
+        key = "model.language_model.layers.1.mlp.up_proj.weight"
+        _rename_in_torch_file(ckpt / "pytorch_model_fsdp.bin", key, deepspeed=False)
+    with pytest.raises(TrainingError, match=rf"missing {key.replace('.', '[.]')}; unexpected {key.replace('.', '[.]')}_renamed"):
+        train(_config(tiny_ckpt, data, images, tmp_path / "C", **MODES[mode][0], resume=str(ckpt)))
+    assert not (tmp_path / "C").exists()
+
+
+def test_sharded_weights_load_strictly_one_shard_at_a_time(tmp_path):
+    """A Trainer checkpoint of a large model comes in shards with an index: every tensor loads."""
+    import torch
+
+    from llavamed_core.model import build_from_preset, save_checkpoint
+    from llavamed_core.train.resume import load_full_weights
+
+    source, processor = build_from_preset("tiny", seed=5)
+    save_checkpoint(source, processor, tmp_path / "sharded", max_shard_bytes=200_000)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    target, _ = build_from_preset("tiny", seed=6)
+    load_full_weights(target, tmp_path / "sharded")
+    want, got = source.state_dict(), target.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def _truncate(path: Path) -> None:

@@ -135,12 +135,14 @@ def checkpoint_identity(model: str | os.PathLike, base: str | os.PathLike | None
     Raises:
         ModelError: the folder does not exist, or an adapter's base cannot be found.
     """
-    path = Path(model)
+    from ..model.hub import model_display_name, resolve_model
+
+    path = resolve_model(model)  # a folder, or a Hub id org/name[@rev] fetched into the cache
     if not path.is_dir():
         raise ModelError(f"{path}: checkpoint directory not found",
                          "make one with `llavamed weights init --preset tiny --out DIR`")
     files = _folder_hashes(path)
-    ident: dict[str, Any] = {"name": path.resolve().name, "path": str(path.resolve())}
+    ident: dict[str, Any] = {"name": model_display_name(model), "path": str(path.resolve())}
     base_ident = None
     if (path / "adapter_config.json").is_file():
         try:

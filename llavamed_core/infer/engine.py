@@ -247,7 +247,7 @@ class Engine:
 
         Args:
             path: a Llava checkpoint directory, or a PEFT adapter directory
-                (``adapter_config.json``).
+                (``adapter_config.json``); either may be a Hub id ``org/name[@revision]``.
             device: ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when present, else CPU).
             dtype: ``float32``, ``bfloat16``, ``float16`` (default: bf16 on CUDA, fp32 on CPU).
             attn_implementation: attention kernel (default: flash-attn on CUDA when it imports,

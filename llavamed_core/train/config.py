@@ -68,8 +68,9 @@ class TrainConfig:
             turn pairs until it fits (samples whose first exchange does not fit are dropped);
             ``"drop"`` drops them. Both are counted in the result.
         group_by_length: batch samples of similar length together (less padding, same data).
-        packing: put each per-device batch's samples end to end in one row (no padding; position
-            ids restart per sample and attention stays within each sample).
+        packing: put each per-device batch's samples end to end in rows no wider than its longest
+            sample (less padding; position ids restart per sample and attention stays within each
+            sample). Same batches and steps as without.
         num_workers: DataLoader worker processes (``None``: 0 on CPU, 4 on CUDA).
         overwrite: replace an existing ``out``.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: flash-attn on

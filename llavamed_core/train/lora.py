@@ -47,9 +47,15 @@ def wrap_lora(model: Any, config: Any, linear_projector: bool) -> Any:
     Returns:
         The ``PeftModel``.
     """
+    import torch
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, config)
+    # A model held in 16 bit (DeepSpeed keeps the fp32 master copy itself) gets 16-bit adapters:
+    # PEFT would make them fp32 beside a 16-bit projector copy, and ZeRO-3 needs one dtype for
+    # everything that trains (it stops on an assertion in its partitioning otherwise).
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = len(floats) == 1 and floats <= {torch.bfloat16, torch.float16}
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not half)
     if linear_projector:
         for name, param in peft_model.named_parameters():
             if "multi_modal_projector" in name and ".linear_2." in name:

@@ -330,8 +330,9 @@ def describe_mechanism(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("parallelism", text))
     if report.get("lora_layers"):
         extra = report.get("trainable_outside_adapters") or []
-        rows.append(("adapters", f"LoRA on {report['lora_layers']} layers; {report['trainable_params']} trainable "
-                                 f"tensors, {'all adapters or the projector' if not extra else f'{len(extra)} outside adapters'}"))
+        where = f"{len(extra)} outside the adapters" if extra else "all adapters or the projector"
+        rows.append(("adapters", f"LoRA on {report['lora_layers']} layers; "
+                                 f"{report['trainable_params']} trainable tensors, {where}"))
     if report.get("linear_4bit"):
         parts = ", ".join(f"{k} {v}" for k, v in report["linear_4bit"].items())
         rows.append(("4-bit layers", f"NF4 linear layers: {parts}"))

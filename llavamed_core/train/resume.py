@@ -11,7 +11,12 @@ The Trainer writes a full model's weights with ``save_pretrained``, in the llava
 nothing and only logs a warning. :func:`load_full_weights` maps the saved names back with
 :func:`~llavamed_core.model.checkpoint.hub_key`, the same mapping the output checkpoints are written
 with, and loads strictly: a missing, unexpected or mis-shaped tensor is a :class:`TrainingError`
-that names it. LoRA checkpoints (PEFT's ``adapter_model.safetensors``) are checked the same way.
+that names it. LoRA checkpoints (PEFT's ``adapter_model.safetensors``) are checked the same way,
+and so are the names in DeepSpeed's LoRA model states and FSDP's full-state file, which their own
+loaders would let pass (DeepSpeed loads full weights strictly itself).
+
+The stock length-grouped sampler draws each epoch's order from the global random state, which a
+resumed run cannot reproduce; :func:`make_length_grouped_sampler` seeds it with the seed and the epoch.
 
 :func:`check_resume_checkpoint` looks at a checkpoint before any work starts: it must be of the
 kind the run writes (DeepSpeed, FSDP, LoRA or full weights) and every file must be whole (a
@@ -28,7 +33,8 @@ from typing import Any
 
 from ..errors import LlavamedError, TrainingError
 
-__all__ = ["check_resume_checkpoint", "load_full_weights", "load_adapter_weights", "resume_error",
+__all__ = ["check_resume_checkpoint", "load_full_weights", "load_adapter_weights", "check_fsdp_keys",
+           "check_deepspeed_adapter_keys", "resume_error",
            "make_length_grouped_sampler"]
 
 _HINT_SETTINGS = ("resume with the settings that wrote it (same --model, stage, --lora and "
@@ -46,7 +52,9 @@ def resume_error(ckpt: Path, exc: BaseException) -> TrainingError:
     """A one-line error for a checkpoint that failed while the Trainer loaded it."""
     if isinstance(exc, LlavamedError):
         return TrainingError(exc.message, exc.hint)
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    # One line: a strict load's "Missing key(s) …" and "Unexpected key(s) …" come on later lines.
+    text = " ".join(str(exc).split())
+    text = (text[:400] + " …") if len(text) > 400 else (text or "no message")
     return TrainingError(f"--resume {ckpt}: could not load the checkpoint ({type(exc).__name__}: {text})",
                          _HINT_DAMAGED)
 
@@ -202,21 +210,28 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         raise _damaged(path, str(exc).splitlines()[0][:200]) from None
 
 
-def _saved_full_state(ckpt: Path) -> dict[str, Any]:
+def _full_weight_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _damaged(index, str(exc).splitlines()[0][:200]) from None
-        state: dict[str, Any] = {}
-        for name in files:
-            state.update(_read_safetensors(ckpt / name))
-        return state
+        return [ckpt / n for n in names]
     single = ckpt / "model.safetensors"
     if not single.is_file():
         raise TrainingError(f"--resume {ckpt}: no model.safetensors (the weights)", _HINT_DAMAGED)
-    return _read_safetensors(single)
+    return [single]
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(path, str(exc).splitlines()[0][:200]) from None
 
 
 def _mismatch(ckpt: Path, what: str, missing: list[str], unexpected: list[str]) -> TrainingError:
@@ -241,34 +256,94 @@ def load_full_weights(model: Any, ckpt: Path) -> None:
     """
     from ..model.checkpoint import hub_key
 
-    saved = _saved_full_state(ckpt)
+    files = _full_weight_files(ckpt)
+    saved_names = [k for f in files for k in _safetensors_keys(f)]
     live = model.state_dict()
     by_saved_name = {hub_key(k): k for k in live}
-    unexpected = [k for k in saved if k not in by_saved_name]
-    mapped = {by_saved_name[k]: v for k, v in saved.items() if k in by_saved_name}
-    loaded_ptrs = {live[k].data_ptr() for k in mapped}
+    unexpected = [k for k in saved_names if k not in by_saved_name]
+    loaded = {by_saved_name[k] for k in saved_names if k in by_saved_name}
+    loaded_ptrs = {live[k].data_ptr() for k in loaded}
     # A tied weight (same storage as a saved one) is left out by save_pretrained: not missing.
-    missing = [hub_key(k) for k in live if k not in mapped and live[k].data_ptr() not in loaded_ptrs]
+    missing = [hub_key(k) for k in live if k not in loaded and live[k].data_ptr() not in loaded_ptrs]
     if missing or unexpected:
         raise _mismatch(ckpt, "weights", missing, unexpected)
-    wrong = [f"{hub_key(k)} {tuple(v.shape)} vs {tuple(live[k].shape)}" for k, v in mapped.items()
-             if tuple(v.shape) != tuple(live[k].shape)]
-    if wrong:
-        raise TrainingError(f"--resume {ckpt}: saved tensors have other shapes than the model's "
-                            f"({_names(wrong, 2)})", _HINT_SETTINGS)
-    _check_finite(ckpt, {hub_key(k): v for k, v in mapped.items()})
-    model.load_state_dict(mapped, strict=False)
+    for f in files:  # one shard in memory at a time
+        part = {by_saved_name[k]: v for k, v in _read_safetensors(f).items()}
+        wrong = [f"{hub_key(k)} {tuple(v.shape)} vs {tuple(live[k].shape)}" for k, v in part.items()
+                 if tuple(v.shape) != tuple(live[k].shape)]
+        if wrong:
+            raise TrainingError(f"--resume {ckpt}: saved tensors have other shapes than the model's "
+                                f"({_names(wrong, 2)})", _HINT_SETTINGS)
+        _check_finite(ckpt, {hub_key(k): v for k, v in part.items()})
+        model.load_state_dict(part, strict=False)
+        del part
 
 
 def _check_finite(ckpt: Path, state: dict[str, Any]) -> None:
-    """Training never saves NaN or infinite weights (the loss would be NaN first); overwritten
-    bytes often read as such (safetensors files carry no checksum)."""
+    """NaN or infinite weights are nothing to resume from (a diverged run), and overwritten bytes
+    often read as such (safetensors files carry no checksum)."""
     import torch
 
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise TrainingError(f"--resume {ckpt}: saved weights hold NaN or infinite values ({_names(bad)})",
                             _HINT_DAMAGED)
+
+
+def check_fsdp_keys(model: Any, ckpt: Path, adapter_only: bool) -> None:
+    """Check an FSDP full-state checkpoint's tensor names against the FSDP-wrapped ``model``
+    before accelerate loads it (its FSDP2 loader lets missing names pass, and all mismatches for
+    LoRA, which saves the trained parameters only).
+
+    A sharded (``torch.distributed.checkpoint``) checkpoint is left to its loader, which fails on
+    a tensor the checkpoint lacks.
+
+    Raises:
+        TrainingError: a missing or unexpected tensor (named), or an unreadable file.
+    """
+    import torch
+
+    path = ckpt / "pytorch_model_fsdp.bin"
+    if not path.is_file():
+        return
+    try:
+        saved = set(torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys())
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise _damaged(path, " ".join(str(exc).split())[:200]) from None
+    if adapter_only:
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise _mismatch(ckpt, "weights", missing, unexpected)
+
+
+def check_deepspeed_adapter_keys(model: Any, ckpt: Path) -> None:
+    """Check a DeepSpeed LoRA checkpoint's tensor names against the PEFT ``model`` before the
+    engine loads it. DeepSpeed saves a LoRA run's trained parameters only and the Trainer has it
+    load them non-strictly, so a missing or renamed tensor would pass silently. (Full-weight
+    DeepSpeed checkpoints load strictly in the engine.)
+
+    Raises:
+        TrainingError: a missing or unexpected tensor (named), or an unreadable file.
+    """
+    import torch
+
+    # ZeRO-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt (same names).
+    files = sorted(ckpt.glob("global_step*/*model_states.pt"))
+    if not files:
+        raise TrainingError(f"--resume {ckpt}: no DeepSpeed model states (global_step*/*model_states.pt)",
+                            _HINT_DAMAGED)
+    try:  # DeepSpeed's own file (its config objects inside): the engine unpickles it the same way
+        states = torch.load(files[-1], map_location="cpu", weights_only=False, mmap=True)
+        saved = set(states["module"].keys())
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise _damaged(files[-1], " ".join(str(exc).split())[:200]) from None
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise _mismatch(ckpt, "adapter weights", missing, unexpected)
 
 
 def load_adapter_weights(model: Any, ckpt: Path) -> None:

@@ -322,7 +322,7 @@ def _make_trainer_classes() -> tuple[type, type, type]:
     """The Trainer subclass and its callbacks (built here so transformers loads lazily)."""
     from transformers import Trainer, TrainerCallback
 
-    from .resume import load_adapter_weights, load_full_weights, make_length_grouped_sampler
+    from .resume import check_fsdp_keys, load_adapter_weights, load_full_weights, make_length_grouped_sampler
 
     class LlavaTrainer(Trainer):
         """Trainer with length-grouped batches from precomputed lengths and token accounting."""
@@ -352,11 +352,14 @@ def _make_trainer_classes() -> tuple[type, type, type]:
             # matches (nothing) and logs a warning; this one maps the names and loads strictly.
             # DeepSpeed resumes through its engine instead (strict for full weights); FSDP through
             # accelerate's sharded loader.
-            if self.is_fsdp_enabled:
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
             from peft import PeftModel
 
             target = self.accelerator.unwrap_model(model if model is not None else self.model)
+            if self.is_fsdp_enabled:
+                # accelerate's FSDP2 loader ignores missing keys (and, for LoRA, unexpected ones).
+                check_fsdp_keys(model if model is not None else self.model, Path(resume_from_checkpoint),
+                                adapter_only=isinstance(target, PeftModel))
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
             if isinstance(target, PeftModel):
                 load_adapter_weights(target, Path(resume_from_checkpoint))
             else:
@@ -550,6 +553,10 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     if cfg.fsdp:
         engage_fsdp_on_cpu(trainer)  # accelerate engages FSDP by itself on GPUs only
     reporter = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProgressReporter))
+    if resume_from is not None and cfg.deepspeed is not None and lora_cfg is not None:
+        from .resume import check_deepspeed_adapter_keys
+
+        check_deepspeed_adapter_keys(model, resume_from)  # the engine loads LoRA states non-strictly
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except DataError as exc:
