@@ -25,7 +25,7 @@ pip download --quiet --dest "$WH" "${TARGET[@]}" \
   "setuptools>=68" "wheel"
 
 # DeepSpeed as a pure-Python wheel (no compiled ops; its optimizers are not used: torch's AdamW is).
-DS_BUILD_OPS=0 pip wheel --quiet --no-deps --wheel-dir "$WH" "deepspeed>=0.15,<0.20"
+DS_BUILD_OPS=0 pip wheel --quiet --no-deps --wheel-dir "$WH" "deepspeed>=0.19.3,<0.20"
 
 # bitsandbytes (QLoRA) only when it fits the size budget.
 tmp=$(mktemp -d)

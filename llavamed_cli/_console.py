@@ -34,15 +34,19 @@ def is_rank_zero() -> bool:
 
 def print_error(message: str, hint: str | None = None) -> None:
     """Print ``Error: ...`` and ``Hint: ...`` on stderr, one line each."""
-    err.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages hold paths and TOML tables: "[train.align]" is text
+
+    err.print(f"[bold red]Error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     if hint:
-        err.print(f"[yellow]Hint:[/] {hint}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[yellow]Hint:[/] {escape(hint)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     """Print a warning line on stderr (rank 0 only)."""
     if is_rank_zero():
-        err.print(f"[yellow]Warning:[/] {message}", soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -57,16 +61,70 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    """Build a Rich table from column names and rows of values (numbers right-aligned)."""
+_PATH_WIDTH = 40  # paths longer than this are shortened from the middle in tables
+
+
+def shorten_path(text: str, width: int = _PATH_WIDTH) -> str:
+    """``/home/ann/runs/…/vqa-rad/answers.jsonl`` style: keep the first component and as many of the
+    last ones as fit in ``width``, with ``...`` in between (the file name is always kept)."""
+    if len(text) <= width or "/" not in text:
+        return text
+    parts = text.split("/")
+    head = "/".join(parts[:2]) if parts[0] == "" else parts[0]
+    tail: list[str] = [parts[-1]]
+    for part in reversed(parts[1 + (parts[0] == ""):-1]):
+        if len(head) + len("/.../") + len("/".join([part, *tail])) > width:
+            break
+        tail.insert(0, part)
+    short = f"{head}/.../{'/'.join(tail)}"
+    return short if len(short) < len(text) else text
+
+
+def _shorten_paths(text: str) -> str:
+    """Shorten every long path-like word of ``text`` (a title or a cell) from the middle."""
+    return " ".join(shorten_path(w) if "/" in w and len(w) > _PATH_WIDTH else w for w in text.split(" "))
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+          caption: str | None = None) -> Table:
+    """Build a Rich table from column names and rows of values (numbers right-aligned).
+
+    Made to fit 80 columns without cutting anything: a header is never narrower than its longest
+    word, long paths (in cells and the title) are shortened from the middle, and a cell that still
+    does not fit wraps (never ``…``).
+    """
     rows = [list(r) for r in rows]
-    t = Table(title=title, title_justify="left")
+    t = Table(title=_shorten_paths(title) if title else title, title_justify="left",
+              caption=caption, caption_justify="left")
+    cells = [[_shorten_paths(_fmt(v)) for v in r] for r in rows]
+
+    def longest(texts: Iterable[str]) -> int:
+        return max((len(w) for text in texts for w in text.split()), default=0)
+
+    # No header word is split across lines, nor a cell's word while the table fits 80 columns
+    # (the widest minimums give way first, never below the header's longest word).
+    floors = [longest([str(name)]) for name in columns]
+    mins = [max(f, min(longest(c[i] for c in cells), 24)) for i, f in enumerate(floors)]
+    room = 80 - (3 * len(columns) + 1)  # 80 less the borders and padding
+    while sum(mins) > room and any(m > f for m, f in zip(mins, floors)):
+        i = max((i for i in range(len(mins)) if mins[i] > floors[i]), key=lambda i: mins[i])
+        mins[i] -= 1
+    # Too wide for 80 columns: narrow the widest columns first (down to those minimums).
+    natural = [max([len(str(name)), *(len(c[i]) for c in cells)]) for i, name in enumerate(columns)]
+    widths: list[int | None] = [None] * len(columns)
+    if sum(natural) > room:
+        fit = list(natural)
+        while sum(fit) > room and any(w > m for w, m in zip(fit, mins)):
+            i = max((i for i in range(len(fit)) if fit[i] > mins[i]), key=lambda i: fit[i])
+            fit[i] -= 1
+        widths = list(fit)
     for i, name in enumerate(columns):
         numeric = bool(rows) and all(isinstance(r[i], (int, float)) or r[i] in ("", None, "-")
                                      for r in rows)
-        t.add_column(name, justify="right" if numeric else "left")
-    for r in rows:
-        t.add_row(*[_fmt(v) for v in r])
+        t.add_column(name, justify="right" if numeric else "left", overflow="fold",
+                     min_width=mins[i] or None, width=widths[i])
+    for c in cells:
+        t.add_row(*c)
     return t
 
 
@@ -80,10 +138,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Print a table on stdout (rank 0 only)."""
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+                caption: str | None = None) -> None:
+    """Print a table on stdout (rank 0 only); ``caption`` is a note printed under it."""
     if is_rank_zero():
-        out.print(table(title, columns, rows))
+        out.print(table(title, columns, rows, caption))
 
 
 class _Reporter:

@@ -60,7 +60,7 @@ def complete(text: str, line: str) -> list[str]:
     import glob
     import os
 
-    if line.lstrip() == text and text.startswith("/") and not os.path.dirname(text):
+    if line.lstrip() == text and text.startswith("/") and text.count("/") == 1:
         return [c for c in COMMANDS if c.startswith(text)]
     pattern = os.path.expanduser(text) + "*"
     out = []
@@ -242,7 +242,7 @@ def _loop(session: Any) -> None:
 def chat_command(
     image: Annotated[Optional[Path], typer.Argument(help="Image to ask about (optional in a conversation).")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Ask this once, print the answer and exit.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint (or LoRA adapter) directory to run in this process.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint (or LoRA adapter) directory to run in this process (default: the configured model, see `llavamed config show`).")] = None,
     base: Annotated[Optional[Path], typer.Option("--base", help="Base checkpoint of a LoRA adapter (default: from adapter_config.json).")] = None,
     server: Annotated[Optional[str], typer.Option("--server", help="OpenAI-compatible server URL (llavamed serve, vLLM, hosted) instead of --model.")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLAVAMED_API_KEY", show_envvar=True, help="API key for --server.")] = None,
@@ -273,6 +273,10 @@ def chat_command(
         from llavamed_core.infer.session import load_chat_image
 
         load_chat_image(image, view)  # fail before loading the model
+    if model is None and server is None:
+        from ._config import model as configured_model
+
+        model = configured_model(None, "chat", server=True)  # LLAVAMED_MODEL, llavamed.toml, user file
     engine = _open_engine(model, base, server, api_key, model_name, device, dtype)
     session = ChatSession(engine, params, system=system, image_options=view)
     if image is not None:

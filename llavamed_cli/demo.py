@@ -24,13 +24,19 @@ def demo_command(
     from llavamed_core.demo import DEMO_METRICS, DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, quick=quick, seed=seed, overwrite=overwrite)
-    _console.info(f"llavamed demo: synthetic data, a tiny model, train align + instruct on the CPU → {out}")
-    _console.info("note: the demo's settings (lr 1e-3 then 2e-3, batch 32, 12 instruct epochs, large synthetic "
-                  "lesions) suit a tiny model; the paper's recipes are the `llavamed train` defaults")
+    # Banner lines under 80 columns (a terminal would wrap them mid-word).
+    _console.info(f"llavamed demo → {out}\n"
+                  "synthetic data, a tiny model, train align + instruct on the CPU\n"
+                  "note: the demo's settings (lr 1e-3 then 2e-3, batch 32, 12 instruct epochs,\n"
+                  "large synthetic lesions) suit a tiny model; the paper's recipes are the\n"
+                  f"`llavamed train` defaults. Library warnings go to {out / 'demo.log'}.")
     # Libraries the training step loads (DeepSpeed's accelerator probe) log to stdout; stdout
     # carries only the result here.
     with _console.progress() as cb, contextlib.redirect_stdout(sys.stderr):
         res = run_demo(cfg, progress=cb)
+    from ._config import write_demo_project
+
+    project = write_demo_project(out, res.paths)  # `cd OUT && llavamed chat IMAGE` uses its model
     if json_out:
         _console.print_json(res.to_dict())
         return
@@ -50,3 +56,8 @@ def demo_command(
                   f"  llavamed chat {s['image']} --model {p['instruct']}\n"
                   f"  llavamed eval vqa --model {p['instruct']} --dataset {p['test']} --out {out}/eval/again\n"
                   f"  llavamed serve --model {p['instruct']}")
+    img = Path(s["image"])
+    img = img.relative_to(out) if img.is_relative_to(out) else img
+    _console.info(f"{project} points at these; in {out}, commands need no --model:\n"
+                  f"  cd {out} && llavamed chat {img} --prompt \"…\"\n"
+                  f"{out / 'README.txt'} says what each file is.")

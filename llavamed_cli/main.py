@@ -13,7 +13,9 @@ import typer
 from llavamed_core import __version__
 
 from ._errors import LlavamedGroup
+from ._examples import add_examples
 from .chat import chat_command
+from .config import app as config_app
 from .demo import demo_command
 from .data import app as data_app
 from .eval import app as eval_app
@@ -54,9 +56,11 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(eval_app, name="eval")
 app.add_typer(train_app, name="train")
 app.add_typer(instruct_app, name="instruct")
+app.add_typer(config_app, name="config")
 app.command("chat")(chat_command)
 app.command("demo")(demo_command)
 app.command("serve")(serve_command)
+add_examples(app)  # one or two examples at the end of every command's --help
 
 
 def run() -> None:

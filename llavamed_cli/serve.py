@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from . import _console
-from ._options import DeviceOpt, DtypeOpt, ModelOpt
+from ._options import DeviceOpt, DtypeOpt
 
 _API = "API"
 _LIMITS = "Limits"
@@ -23,13 +24,20 @@ _BATCH = "Batching"
 _VLLM = "vLLM engine"
 
 
+class EngineName(str, Enum):
+    """The engines ``serve`` runs (a real choice: help lists them, Tab completes them)."""
+
+    native = "native"
+    vllm = "vllm"
+
+
 def serve_command(
-    model: ModelOpt,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint directory (default: the configured model, see `llavamed config show`).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 = every interface; mind --api-key).", rich_help_panel=_API)] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0 = any free port).", rich_help_panel=_API)] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' (default: $LLAVAMED_API_KEY; none = no auth).", show_default=False, rich_help_panel=_API)] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="Model name clients send (default: the checkpoint folder's name).", rich_help_panel=_API)] = None,
-    engine: Annotated[str, typer.Option(help="native (our engine, batched) or vllm (vLLM's server behind ours).", rich_help_panel=_API)] = "native",
+    engine: Annotated[EngineName, typer.Option(help="native (our engine, batched) or vllm (vLLM's server behind ours).", rich_help_panel=_API)] = "native",
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     max_batch: Annotated[int, typer.Option(help="Most requests generated together (1 = no batching).", rich_help_panel=_BATCH)] = 16,
@@ -56,10 +64,14 @@ def serve_command(
     vllm_args: Annotated[str, typer.Option(help="More arguments for `vllm serve`, e.g. \"--max-model-len 4096\".", rich_help_panel=_VLLM)] = "",
 ) -> None:
     """Serve a checkpoint: OpenAI-compatible API (/v1/chat/completions, /v1/models, /health) and a web chat page at /."""
+    engine = EngineName(engine).value  # the plain string from here on
     from llavamed_core.errors import ConfigError
     from llavamed_core.serve.config import RemoteImagePolicy, ServeConfig, ServeLimits, VllmConfig
     from llavamed_core.serve.server import run_server
 
+    from ._config import model as configured_model
+
+    model = configured_model(model, "serve")  # --model, LLAVAMED_MODEL, llavamed.toml, user file
     key = api_key if api_key is not None else os.environ.get("LLAVAMED_API_KEY") or None
     try:
         extra = shlex.split(vllm_args)

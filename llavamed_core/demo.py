@@ -22,15 +22,58 @@ them. The paper's recipes are the ``train`` commands' defaults (``llavamed_core.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .io import atomic_write_json
-from .progress import ProgressCallback, emit
+from .progress import ProgressCallback, ProgressEvent, emit
+
+# The demo's stages and their share of the wall time (measured on 2 CPU cores), so that the
+# overall row's ETA follows time, not a count of stages. --quick trains 6 steps per stage.
+STAGE_WEIGHTS = {"synthetic data": 3, "tiny model": 1, "evaluate before training": 5, "train align": 6,
+                 "train instruct": 90, "evaluate after training": 5, "chat": 2}
+_QUICK_WEIGHTS = {**STAGE_WEIGHTS, "train align": 8, "train instruct": 8}
+# The sub-task whose progress stands for its stage's (the others, e.g. tokenize, are short).
+_MAIN_TASKS = ("synth", "answers", "train")
+LOG_FILE = "demo.log"
+README_FILE = "README.txt"
+
+
+@contextlib.contextmanager
+def library_output_to(fh: Any) -> Iterator[None]:
+    """Send what libraries print and warn (DeepSpeed's WARNING lines on stdout, transformers and
+    torch warnings) to ``fh`` instead of the terminal, for the duration of the block."""
+    import sys
+    import warnings
+
+    handler = logging.StreamHandler(fh)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    names = ("py.warnings", "transformers", "DeepSpeed", "torch", "accelerate", "huggingface_hub")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in names}
+    for n in names:
+        logging.getLogger(n).handlers = [handler]
+        logging.getLogger(n).propagate = False
+    logging.captureWarnings(True)
+    old_showwarning = warnings.showwarning
+    try:
+        with contextlib.redirect_stdout(fh), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logging.captureWarnings(False)
+        warnings.showwarning = old_showwarning
+        for n, (handlers, propagate) in saved.items():
+            logging.getLogger(n).handlers = handlers
+            logging.getLogger(n).propagate = propagate
+        handler.flush()
+        sys.stdout.flush()
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "DEMO_METRICS"]
 
@@ -180,69 +223,96 @@ def run_demo(cfg: DemoConfig, progress: ProgressCallback | None = None) -> DemoR
     data, ckpts, evals = out / "data", out / "checkpoints", out / "eval"
     seconds: dict[str, float] = {}
     start = time.monotonic()
-    total_steps = 7
+    weights = _QUICK_WEIGHTS if cfg.quick else STAGE_WEIGHTS
+    names = list(weights)
+    total_steps = len(names)
+    total_weight = sum(weights.values())
+    at = {"i": 0}
+
+    def overall(fraction: float) -> None:
+        i = at["i"]
+        done = sum(weights[n] for n in names[:i]) + weights[names[i]] * min(1.0, fraction)
+        emit(progress, "demo", round(100 * done / total_weight, 1), 100, "%", step=names[i])
+
+    def row(i: int) -> str:
+        return f"{i + 1}/{total_steps} {names[i]}"
+
+    def stage_progress(ev: ProgressEvent) -> None:
+        # One row per stage: every event of a stage (tokenize, train, …) updates that stage's row.
+        if progress is None:
+            return
+        progress(ProgressEvent(row(at["i"]), ev.done, ev.total, ev.unit, {"phase": ev.task, **ev.info}))
+        if ev.task in _MAIN_TASKS and ev.total:
+            overall(ev.done / ev.total)
 
     def step(i: int, name: str) -> float:
-        emit(progress, "demo", i, total_steps, "step", step=name)
+        if i > 0:  # the previous stage is over
+            emit(progress, row(i - 1), 1, 1, "stage", finished=True)
+        at["i"] = i
+        overall(0.0)
         return time.monotonic()
 
+    log = open(out / LOG_FILE, "w", encoding="utf-8")  # noqa: SIM115 - closed below
     try:
-        t = step(0, "synthetic data")
-        synth = make_synthetic_vqa(SynthConfig(out=data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed,
-                                               lesion_amplitude=cfg.lesion_amplitude,
-                                               lesion_radius=cfg.lesion_radius), progress)
-        seconds["data"] = time.monotonic() - t
+        with library_output_to(log):
+            t = step(0, "synthetic data")
+            synth = make_synthetic_vqa(SynthConfig(out=data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed,
+                                                   lesion_amplitude=cfg.lesion_amplitude,
+                                                   lesion_radius=cfg.lesion_radius), stage_progress)
+            seconds["data"] = time.monotonic() - t
 
-        t = step(1, "tiny model")
-        model, processor = build_from_preset("tiny", seed=cfg.seed)
-        save_checkpoint(model, processor, ckpts / "base")
-        del model
-        seconds["model"] = time.monotonic() - t
+            t = step(1, "tiny model")
+            model, processor = build_from_preset("tiny", seed=cfg.seed)
+            save_checkpoint(model, processor, ckpts / "base")
+            del model
+            seconds["model"] = time.monotonic() - t
 
-        def evaluate(ckpt: Path, name: str) -> dict[str, Any]:
-            res = evaluate_vqa(VQAEvalConfig(dataset=synth.test, out=evals / name, model=ckpt,
-                                             batch_size=cfg.eval_batch, max_new_tokens=16,
-                                             dataset_name="synthetic"), progress)
-            return res.results
+            def evaluate(ckpt: Path, name: str) -> dict[str, Any]:
+                res = evaluate_vqa(VQAEvalConfig(dataset=synth.test, out=evals / name, model=ckpt,
+                                                 batch_size=cfg.eval_batch, max_new_tokens=16,
+                                                 dataset_name="synthetic"), stage_progress)
+                return res.results
 
-        t = step(2, "evaluate before training")
-        before = evaluate(ckpts / "base", "before")
-        seconds["eval_before"] = time.monotonic() - t
+            t = step(2, "evaluate before training")
+            before = evaluate(ckpts / "base", "before")
+            seconds["eval_before"] = time.monotonic() - t
 
-        common = dict(images=data / "images", global_batch=cfg.batch, per_device_batch=cfg.batch,
-                      max_steps=cfg.max_steps, seed=cfg.seed, device="cpu", overwrite=True,
-                      run_dir=ckpts / ".runs", save_steps=10**9,
-                      group_by_length=cfg.group_by_length)
-        t = step(3, "train align")
-        align = train(TrainConfig(stage="align", model=ckpts / "base", data=synth.align, out=ckpts / "align",
-                                  epochs=cfg.align_epochs, learning_rate=cfg.align_lr, **common), progress)
-        seconds["train_align"] = time.monotonic() - t
+            common = dict(images=data / "images", global_batch=cfg.batch, per_device_batch=cfg.batch,
+                          max_steps=cfg.max_steps, seed=cfg.seed, device="cpu", overwrite=True,
+                          run_dir=ckpts / ".runs", save_steps=10**9,
+                          group_by_length=cfg.group_by_length)
+            t = step(3, "train align")
+            align = train(TrainConfig(stage="align", model=ckpts / "base", data=synth.align, out=ckpts / "align",
+                                      epochs=cfg.align_epochs, learning_rate=cfg.align_lr, **common), stage_progress)
+            seconds["train_align"] = time.monotonic() - t
 
-        t = step(4, "train instruct")
-        instruct = train(TrainConfig(stage="instruct", model=ckpts / "align", data=synth.train,
-                                     out=ckpts / "instruct", epochs=cfg.instruct_epochs,
-                                     learning_rate=cfg.instruct_lr, **common), progress)
-        seconds["train_instruct"] = time.monotonic() - t
+            t = step(4, "train instruct")
+            instruct = train(TrainConfig(stage="instruct", model=ckpts / "align", data=synth.train,
+                                         out=ckpts / "instruct", epochs=cfg.instruct_epochs,
+                                         learning_rate=cfg.instruct_lr, **common), stage_progress)
+            seconds["train_instruct"] = time.monotonic() - t
 
-        t = step(5, "evaluate after training")
-        after = evaluate(ckpts / "instruct", "after")
-        seconds["eval_after"] = time.monotonic() - t
+            t = step(5, "evaluate after training")
+            after = evaluate(ckpts / "instruct", "after")
+            seconds["eval_after"] = time.monotonic() - t
 
-        t = step(6, "chat")
-        _kind, questions = load_questions(synth.test)
-        q = next((q for q in questions if q.conversation is not None
-                  and q.conversation.extra.get("question_type") == "presence"
-                  and q.conversation.answer().strip().lower() == "yes"), questions[0])
-        session = ChatSession(Engine.load(ckpts / "instruct"), GenerationParams(max_new_tokens=16))
-        session.attach_image(data / "images" / q.image)
-        answer = session.answer(q.text).text
-        sample = {"image": str(data / "images" / q.image), "question": q.text, "answer": answer,
-                  "truth": q.conversation.answer() if q.conversation else ""}
-        seconds["chat"] = time.monotonic() - t
+            t = step(6, "chat")
+            _kind, questions = load_questions(synth.test)
+            q = next((q for q in questions if q.conversation is not None
+                      and q.conversation.extra.get("question_type") == "presence"
+                      and q.conversation.answer().strip().lower() == "yes"), questions[0])
+            session = ChatSession(Engine.load(ckpts / "instruct"), GenerationParams(max_new_tokens=16))
+            session.attach_image(data / "images" / q.image)
+            answer = session.answer(q.text).text
+            sample = {"image": str(data / "images" / q.image), "question": q.text, "answer": answer,
+                      "truth": q.conversation.answer() if q.conversation else ""}
+            seconds["chat"] = time.monotonic() - t
     finally:
+        log.close()
         torch.set_num_threads(threads)
     seconds["total"] = time.monotonic() - start
-    emit(progress, "demo", total_steps, total_steps, "step", finished=True, step="done")
+    emit(progress, row(total_steps - 1), 1, 1, "stage", finished=True)
+    emit(progress, "demo", 100, 100, "%", finished=True, step="done")
     shutil.rmtree(ckpts / ".runs", ignore_errors=True)
     result = DemoResult(
         out=out, before=_metrics(before), after=_metrics(after), sample=sample,
@@ -254,7 +324,42 @@ def run_demo(cfg: DemoConfig, progress: ProgressCallback | None = None) -> DemoR
         train={"align": _train_summary(align), "instruct": _train_summary(instruct)},
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()})
     atomic_write_json(out / "demo.json", result.to_dict())
+    (out / README_FILE).write_text(readme_text(result), encoding="utf-8")
     return result
+
+
+def readme_text(result: DemoResult) -> str:
+    """The demo folder's README.txt: what each file is and what to run next."""
+    p, s = result.paths, result.sample
+    image = Path(s["image"]).relative_to(result.out) if Path(s["image"]).is_relative_to(result.out) else s["image"]
+    return f"""\
+What `llavamed demo` made here
+==============================
+
+data/                   synthetic VQA set: align.json (captions), train.json and test.json
+                        (questions with answer_type), images/ (the PNG images)
+checkpoints/base/       the untrained tiny model (random weights)
+checkpoints/align/      after `train align` (the projector learnt)
+checkpoints/instruct/   after `train instruct` (the final model)
+eval/before/, eval/after/
+                        answers.jsonl and results.json of the test set before and after training
+demo.json               the figures, timings and settings of this run
+{LOG_FILE:<24}warnings and messages of the libraries (DeepSpeed, transformers) during the run
+llavamed.toml           project settings: in this folder, commands need no --model
+
+Try next (in this folder):
+
+  llavamed chat {image}
+  llavamed eval vqa --dataset data/test.json --out eval/again
+  llavamed serve
+
+or from anywhere:
+
+  llavamed chat {s["image"]} --model {p["instruct"]}
+
+The demo's training settings (lr 1e-3 align, 2e-3 instruct, batch 32) suit this tiny model; the
+paper's recipes are the `llavamed train` defaults.
+"""
 
 
 def _train_summary(res: Any) -> dict[str, Any]:

@@ -7,6 +7,8 @@ where there is one) and an optional ``hint`` (what to do next). The CLI prints
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "LlavamedError",
     "ConfigError",
@@ -18,6 +20,7 @@ __all__ = [
     "DependencyError",
     "StorageError",
     "data_error",
+    "did_you_mean",
 ]
 
 
@@ -100,3 +103,13 @@ def data_error(path: object, record: object | None, field: str | None, problem: 
     if field:
         where += f", field '{field}'"
     return DataError(f"{where}: {problem}", hint)
+
+
+def did_you_mean(name: str, choices: Iterable[str], known: str = "choose one of") -> str:
+    """A hint for a misspelt name: ``did you mean 'slake'? choose one of: vqa-rad, slake, pathvqa``."""
+    import difflib
+
+    choices = list(choices)
+    close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+    tail = f"{known}: {', '.join(choices)}"
+    return f"did you mean '{close[0]}'? {tail}" if close else tail

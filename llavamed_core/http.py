@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -169,8 +170,7 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _describe_connection_error(url: str, exc: BaseException) -> tuple[str, str]:
-    """A one-line message and a hint for a failed connection."""
+def _error_chain(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in chain:
@@ -181,11 +181,23 @@ def _describe_connection_error(url: str, exc: BaseException) -> tuple[str, str]:
         if nxt is None and isinstance(getattr(cur, "reason", None), BaseException):
             nxt = cur.reason
         cur = nxt
-    names = " ".join(type(e).__name__ for e in chain)
-    if "NameResolutionError" in names or "gaierror" in names:
+    return chain
+
+
+def _is_dns_failure(exc: BaseException) -> bool:
+    """A host name that does not resolve (``socket.gaierror``): no network, or a wrong host. Not
+    worth retrying: the answer comes back at once and the same."""
+    return any(isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError"
+               for e in _error_chain(exc))
+
+
+def _describe_connection_error(url: str, exc: BaseException) -> tuple[str, str]:
+    """A one-line message and a hint for a failed connection."""
+    chain = _error_chain(exc)
+    if _is_dns_failure(exc):
         host = urllib3.util.parse_url(url).host
-        return (f"{url}: cannot resolve host '{host}' (DNS lookup failed)",
-                "check the URL, your network and proxy settings (HTTPS_PROXY, NO_PROXY)")
+        return (f"{url}: cannot resolve host '{host}' (no network, or DNS failure)",
+                "check that this machine is online, the URL, and your proxy settings (HTTPS_PROXY, NO_PROXY)")
     if any(isinstance(e, requests.exceptions.ProxyError) for e in chain):
         return (f"{url}: the proxy refused or failed the connection ({_root_cause(exc)})",
                 "check HTTPS_PROXY / HTTP_PROXY / NO_PROXY")
@@ -292,6 +304,9 @@ class HttpClient:
                                    "check the URL's scheme and your clock; behind an inspecting "
                                    "proxy set REQUESTS_CA_BUNDLE to its certificate") from None
             except _CONNECTION_ERRORS as exc:
+                if _is_dns_failure(exc):  # offline or a wrong host: say so at once
+                    msg, hint = _describe_connection_error(url, exc)
+                    raise NetworkError(msg, hint) from None
                 failure: BaseException | HttpStatusError = exc
             else:
                 if resp.status_code < 400 or resp.status_code in ok_statuses:

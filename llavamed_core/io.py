@@ -337,15 +337,22 @@ class JsonlAppender:
     Args:
         path: the JSONL file (created if missing).
         fsync: fsync after each record (default true).
+        lazy: open (and create) the file at the first :meth:`write` only, so that a run with
+            nothing to record leaves no empty file (failure lists).
     """
 
-    def __init__(self, path: str | os.PathLike, fsync: bool = True):
+    def __init__(self, path: str | os.PathLike, fsync: bool = True, lazy: bool = False):
         self.path = Path(path)
+        self._fsync = fsync
+        self._fh: Any = None
+        if not lazy:
+            self._open()
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             _truncate_partial_tail(self.path)
         self._fh = open(self.path, "a", encoding="utf-8")
-        self._fsync = fsync
 
     def write(self, record: dict) -> None:
         """Append one record as a line.
@@ -353,6 +360,8 @@ class JsonlAppender:
         Raises:
             StorageError: the disk is full (the complete lines so far stay; a reopen cuts a partial one).
         """
+        if self._fh is None:
+            self._open()
         try:
             self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._fh.flush()
@@ -369,7 +378,8 @@ class JsonlAppender:
 
     def close(self) -> None:
         """Close the file."""
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
     def __enter__(self) -> "JsonlAppender":
         return self

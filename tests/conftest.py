@@ -28,6 +28,12 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.delenv("LLAVAMED_DEBUG", raising=False)
+    # No user settings file or LLAVAMED_* setting leaks into a test (llavamed_core.config).
+    from llavamed_core.config import KEYS
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(os.sep, "nonexistent", "llavamed-test-config"))
+    for key in KEYS.values():
+        monkeypatch.delenv(key.env, raising=False)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -88,3 +88,12 @@ def test_install_completion_writes_rc_file(tmp_path):
                          capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert "llavamed" in (tmp_path / ".bashrc").read_text()
+
+
+def test_error_text_with_brackets_is_printed_as_is(capsys):
+    """Messages name TOML tables and paths: Rich markup must not eat "[train.align]"."""
+    from llavamed_cli import _console
+
+    _console.print_error("llavamed.toml:3: [train.align] has no key 'mdoel'", "see [docs]/config.md")
+    err = capsys.readouterr().err
+    assert "[train.align] has no key" in err and "see [docs]/config.md" in err

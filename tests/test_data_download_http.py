@@ -188,8 +188,17 @@ def test_dns_failure_has_a_clear_message():
     c, _ = client(retries=1)
     with pytest.raises(NetworkError) as ei:
         c.open_stream("http://no-such-host.invalid/x.tar.gz")
-    assert "cannot resolve host 'no-such-host.invalid'" in ei.value.message
+    assert "cannot resolve host 'no-such-host.invalid' (no network, or DNS failure)" in ei.value.message
     assert "proxy" in ei.value.hint
+
+
+def test_dns_failure_is_not_retried():
+    """Offline: the first lookup fails and the error comes at once, without backoff waits."""
+    c, stop = client(retries=5)
+    with pytest.raises(NetworkError) as ei:
+        c.open_stream("http://no-such-host.invalid/x.tar.gz")
+    assert "DNS failure" in ei.value.message
+    assert stop.waits == []
 
 
 def test_proxy_is_taken_from_the_environment(monkeypatch, tmp_path):

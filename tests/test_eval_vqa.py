@@ -212,6 +212,8 @@ def test_qa50_chat_benchmark_file(cli, tiny_ckpt, tmp_path):
 
 def test_usage_errors(cli, tiny_ckpt, synth_data, tmp_path):
     r = cli("eval", "vqa", "--dataset", synth_data / "test.json", "--out", tmp_path / "ev")
+    assert r.exit_code == 1 and "no model" in r.stderr and "--server URL" in r.stderr  # none configured
+    r = cli("eval", "vqa", "--dataset", synth_data / "test.json", "--model", tiny_ckpt, "--server", "http://x")
     assert r.exit_code == 1 and "exactly one of --model and --server" in r.stderr
     r = cli("eval", "vqa", "--answers", tmp_path / "a.jsonl")
     assert r.exit_code == 1 and "--gt" in r.stderr

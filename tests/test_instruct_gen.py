@@ -110,7 +110,7 @@ def test_gen_survives_every_fault_and_rerun_asks_only_for_the_rest(cli, tmp_path
         assert len(asked) == 2 and any("mri number 3 " in a for a in asked)
     ids = [r["pair_id"] for r in read_out(out)]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 20
-    assert read_out(tmp_path / "gen.failures.jsonl") == []
+    assert not (tmp_path / "gen.failures.jsonl").exists()  # the rerun failed nothing: no empty file
 
 
 def test_prompt_file_and_inline_mentions_reach_the_model(cli, tmp_path):

@@ -163,13 +163,44 @@ def test_web_chat_page_in_chromium(browser, tiny_ckpt, tiny_engine, tmp_path):
         cdp.wait_for("document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
         assert cdp.js("state.history.length") == 4
         assert cdp.js("state.history[0].content[0].image_url.url.startsWith('data:image/png;base64,')")
+        # The research-use notice, and the conversation exported as JSON and Markdown.
+        assert "not for clinical diagnosis" in cdp.js("document.getElementById('notice').textContent").lower()
+        assert cdp.js("document.getElementById('export-json').disabled") is False
+        exported = json.loads(cdp.js("conversationAs('json')"))
+        assert exported["model"] == "tiny" and exported["messages"] == cdp.js("state.history")
+        md = cdp.js("conversationAs('md')")
+        assert f"**You:**\n\n*[image attached]*\n\n{question}" in md and want.text in md
+        assert "What colour is it?" in md and "research use" in md
+        # A click on the image enlarges it; a second shows its own pixels; Escape closes.
+        cdp.click(".msg.user img")
+        assert cdp.js("!document.getElementById('zoom').hidden && document.getElementById('zoom-img').naturalWidth") == 256
+        cdp.click("#zoom")
+        assert cdp.js("document.getElementById('zoom').className") == "actual"
+        cdp.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+        assert cdp.js("document.getElementById('zoom').hidden") is True
         shot = cdp.call("Page.captureScreenshot", format="png")
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "serve_web_chat.png").write_bytes(base64.b64decode(shot["data"]))
+        # At a phone's width (400 px) nothing sticks out sideways and every control is reachable.
+        cdp.call("Emulation.setDeviceMetricsOverride", width=400, height=800, deviceScaleFactor=1, mobile=True)
+        assert cdp.js("document.documentElement.scrollWidth") <= 400
+        assert cdp.js("[...document.querySelectorAll('button:not([hidden]), label.button, textarea, .msg')]"
+                      ".every((e) => { const r = e.getBoundingClientRect(); return r.left >= 0 && r.right <= 400; })")
+        shot = cdp.call("Page.captureScreenshot", format="png")
+        (ARTIFACTS / "serve_web_chat_400px.png").write_bytes(base64.b64decode(shot["data"]))
+        cdp.call("Emulation.clearDeviceMetricsOverride")
         # Clear starts over.
         cdp.click("#clear")
         assert cdp.js("document.querySelectorAll('.msg').length") == 0
         assert cdp.js("state.history.length") == 0
+        assert cdp.js("document.getElementById('export-json').disabled") is True
+        # One token is "1 token".
+        cdp.js("document.getElementById('max-tokens').value = '1'")
+        cdp.type_into("#question", "hi")
+        cdp.click("#send")
+        meta = cdp.wait_for("document.querySelector('.msg.assistant[data-state=done] .meta')?.textContent")
+        assert meta == "1 token"
+        cdp.click("#clear")
         # An error from the API is shown on the page, not swallowed.
         cdp.js("document.getElementById('max-tokens').value = '999999'")
         cdp.type_into("#question", "hello")

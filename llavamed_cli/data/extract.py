@@ -52,13 +52,12 @@ def extract(
         _console.print_json(result.to_dict())
     else:
         rate = result.extracted / result.seconds if result.seconds > 0 else 0.0
-        _console.print_table(f"data extract → {out}", ["figures", "already there", "extracted",
-                                                       "converted", "failed", "tarballs", "MB", "time (s)",
-                                                       "figures/s"],
-                             [[result.figures, result.present, result.extracted, result.converted,
-                               result.failed, result.tarballs_fetched,
-                               round(result.bytes_downloaded / 1e6, 2), round(result.seconds, 2),
-                               round(rate, 2)]])
+        _console.print_table(f"data extract → {out}", ["", "value"],
+                             [["figures", result.figures], ["already there", result.present],
+                              ["extracted", result.extracted], ["converted", result.converted],
+                              ["failed", result.failed], ["tarballs fetched", result.tarballs_fetched],
+                              ["downloaded (MB)", round(result.bytes_downloaded / 1e6, 2)],
+                              ["time (s)", round(result.seconds, 2)], ["figures/s", round(rate, 2)]])
         if result.failures_by_reason:
             _console.print_table("failures by reason", ["reason", "figures", "meaning"],
                                  [[r, n, FAILURE_REASONS.get(r, "")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -28,7 +28,7 @@ class Dataset(str, Enum):
 def prepare(
     dataset: Annotated[Dataset, typer.Argument(help="Which release: vqa-rad, slake or pathvqa.")],
     src: Annotated[Path, typer.Option("--src", help="Folder of the raw release (VQA-RAD: also its JSON file).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: train.json, test.json, val.json, images/.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder: train.json, test.json, val.json, images/ (default: DATA/<dataset>, DATA the configured data_dir).")] = None,
     lang: Annotated[str, typer.Option(help="SLAKE question language: en, zh or all.")] = "en",
     strict: Annotated[bool, typer.Option("--strict", help="Fail when split counts differ from the published sizes.")] = False,
     max_bad: Annotated[int, typer.Option("--max-bad", help="Bad records to skip (and report) before failing.")] = 0,
@@ -40,6 +40,11 @@ def prepare(
     """Convert a raw VQA-RAD, SLAKE or PathVQA release to our conversation files and images/."""
     from llavamed_core.data.prepare import PrepareConfig, prepare_vqa
 
+    if out is None:
+        from .._config import folder
+
+        out = folder("data_dir") / dataset.value
+        _console.info(f"output: {out} (the data folder; `llavamed config show` says where it is set)")
     cfg = PrepareConfig(dataset=dataset.value, src=src, out=out, lang=lang, strict=strict,
                         max_bad=max_bad, overwrite=overwrite, link=link,
                         follow_symlinks=follow_symlinks)

@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,13 +17,23 @@ from .. import _console
 from . import app
 
 
+class Format(str, Enum):
+    """Output formats (a real choice: help lists them, Tab completes them)."""
+
+    table = "table"
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
 @app.command("summarize")
 def summarize(
     reviews: Annotated[list[Path], typer.Argument(help="Review files from `eval gpt-score` (one column group each).")],
     questions: Annotated[Optional[Path], typer.Option("--questions", "-q", help="qa50 questions: take type and domain from here, and count questions without a review.")] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, markdown, csv or json.")] = "table",
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="table, markdown, csv or json.")] = "table",
 ) -> None:
     """Mean reference/model scores and relative score (mean of per-question ratios x 100) per bucket."""
+    fmt = Format(fmt).value
     from llavamed_core.errors import ConfigError
     from llavamed_core.eval.summary import (provenance_rows, relative_rows, summarize_reviews, summary_rows,
                                             to_csv, to_json, to_markdown)

@@ -17,29 +17,43 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import _console
+from .. import _complete, _console
 from .._options import (DeviceOpt, DtypeOpt, FrameOpt, JsonOpt, PlaneOpt, SliceOpt, VolumeOpt,
                         WindowOpt, image_options)
 from . import app
 
 
-def _print_report(report, title: str) -> None:
-    from llavamed_core.eval.vqa_metrics import breakdown_rows, render_rows
+# The breakdown tables' column labels (short enough for 80 columns; * = the paper's headline).
+BREAKDOWN_LABELS = {"paper_closed_acc": "closed (paper) *", "strict_closed_acc": "closed (strict)",
+                    "paper_open_recall": "open recall (paper) *", "open_token_f1": "open token F1",
+                    "exact_match": "exact match"}
+HEADLINE_NOTE = "* the paper's headline numbers (its 'Closed' and 'Open' columns)"
 
-    _console.print_table(title, ["metric", "value (%)"], render_rows(report))
+
+def _print_report(report, title: str) -> None:
+    from llavamed_core.eval.vqa_metrics import METRICS, breakdown_rows, render_rows
+
+    headline = {METRICS["paper_closed_acc"], METRICS["paper_open_recall"]}
+    rows = render_rows(report)
+    metric_rows = [(f"{label} *" if label in headline else label, v) for label, v in rows
+                   if label in METRICS.values()]
+    _console.print_table(title, ["metric", "%"], metric_rows, caption=HEADLINE_NOTE)
+    _console.print_table("questions", ["", "count"], [r for r in rows if r[0] not in METRICS.values()])
     for by in ("answer_type", "question_type", "modality"):
         columns, rows = breakdown_rows(report, by)
         if rows:
-            _console.print_table(f"by {by.replace('_', ' ')} (%)", columns, rows)
+            labels = [by.replace("_", " "), *(BREAKDOWN_LABELS.get(c, c) for c in columns[1:])]
+            _console.print_table(f"by {by.replace('_', ' ')} (%; n = questions)", labels, rows,
+                                 caption=HEADLINE_NOTE)
 
 
 @app.command("vqa")
 def vqa(
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="vqa-rad, slake, pathvqa (prepared under --data-root), or a question file: a prepared test.json or the qa50 JSONL.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint (or LoRA adapter) directory to answer with.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory: answers.jsonl (resumable) and results.json.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", autocompletion=_complete.DATASETS, help="vqa-rad, slake, pathvqa (prepared under --data-root), or a question file: a prepared test.json or the qa50 JSONL.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Checkpoint (or LoRA adapter) directory to answer with (default: the configured model).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory: answers.jsonl (resumable) and results.json (default: RUNS/eval/<model>/<dataset>/).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Folder the records' image paths are relative to (default: images/ beside the question file).")] = None,
-    data_root: Annotated[Path, typer.Option("--data-root", help="Where `llavamed data prepare` wrote the named datasets (<root>/<name>/test.json).")] = Path("data"),
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Where `llavamed data prepare` wrote the named datasets (<root>/<name>/test.json; default: the configured data_dir).")] = None,
     split: Annotated[str, typer.Option("--split", help="Split file of a named dataset.")] = "test",
     base: Annotated[Optional[Path], typer.Option("--base", help="Base checkpoint of a LoRA adapter (default: from adapter_config.json).")] = None,
     server: Annotated[Optional[str], typer.Option("--server", help="OpenAI-compatible server URL to ask instead of --model (llavamed serve, vLLM, ...).")] = None,
@@ -95,11 +109,21 @@ def vqa(
 
     from llavamed_core.eval.answers import VQAEvalConfig, evaluate_vqa, resolve_dataset
 
-    if dataset is None or out is None:
-        raise ConfigError("give --dataset and --out (or --answers and --gt to score a file)")
-    if (model is None) == (server is None):
+    from .. import _config
+
+    if dataset is None:
+        raise ConfigError("give --dataset (or --answers and --gt to score a file)",
+                          "e.g. --dataset slake (prepared under the data folder) or --dataset FILE")
+    if model is not None and server is not None:
         raise ConfigError("give exactly one of --model and --server")
-    path = resolve_dataset(dataset, data_root, split)
+    if server is None:
+        model = _config.model(model, "eval vqa", server=True)
+    data_root = _config.folder("data_dir", data_root)
+    named = data_root / dataset / f"{split}.json"  # any dataset prepared under the data folder
+    path = named if ("/" not in dataset and not Path(dataset).exists() and named.is_file()) \
+        else resolve_dataset(dataset, data_root, split)
+    if out is None:
+        out = _config.eval_out(model, server, model_name, dataset, split)
     cfg = VQAEvalConfig(dataset=path, out=out, images=images, model=model, base=base, server=server,
                         api_key=api_key, model_name=model_name, concurrency=concurrency,
                         batch_size=batch_size, nproc=nproc, gpus=gpus, limit=limit,

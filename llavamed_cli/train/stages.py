@@ -27,7 +27,7 @@ import typer
 
 from llavamed_core.train.stages import STAGES
 
-from .. import _console
+from .. import _complete, _console
 from .._options import JsonOpt, OverwriteOpt
 from . import app
 
@@ -75,11 +75,10 @@ def _command_line(ctx: typer.Context) -> list[str]:
 def _build_config(stage: str, typed: dict[str, Any]) -> Any:
     """Defaults → ``--config`` file → typed flags → ``--set``; then the required paths."""
     from llavamed_core.errors import ConfigError
-    from llavamed_core.train.config import (TrainConfig, load_config_file, merge_settings, parse_set_items,
-                                            training_argument_names)
+    from llavamed_core.train.config import TrainConfig, load_config_file, merge_settings, parse_set_items
     from llavamed_core.train.parallel import LAUNCHED_ENV
 
-    ta_names = training_argument_names()
+    ta_names = None  # TrainingArguments' names, looked up (importing transformers) only when needed
     settings: dict[str, Any] = {}
     if typed.get("config") is not None:
         settings = merge_settings(settings, load_config_file(typed["config"]), f"--config {typed['config']}", ta_names)
@@ -89,10 +88,29 @@ def _build_config(stage: str, typed: dict[str, Any]) -> Any:
     if typed.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu":
         settings["device"] = "cpu"
     settings.pop("stage", None)
+    from .._config import train_paths
+
+    settings.update(train_paths(stage, settings))  # [train.STAGE] of llavamed.toml, env, RUNS/train/…
     missing = [f"--{k}" for k in ("model", "data", "images", "out") if settings.get(k) is None]
     if missing:
-        raise ConfigError(f"missing {', '.join(missing)}", "give them as options or in the --config file")
+        raise ConfigError(f"missing {', '.join(missing)}",
+                          f"give them as options, in the --config file, or in the train.{stage} table of llavamed.toml "
+                          f"(`llavamed config set train.{stage}.{missing[0][2:]} VALUE`)")
     return TrainConfig(stage=stage, **settings)
+
+
+def _check_paths(cfg: Any) -> None:
+    """The input paths, checked before the heavy imports (the same checks training makes)."""
+    from llavamed_core.errors import DataError
+    from llavamed_core.model.checkpoint import check_checkpoint_dir
+    from llavamed_core.train.preflight import check_before_training
+
+    check_checkpoint_dir(cfg.model)
+    if not Path(cfg.data).exists():
+        raise DataError(f"--data {cfg.data}: file not found", "check the path")
+    if cfg.images is not None and not Path(cfg.images).is_dir():
+        raise DataError(f"--images {cfg.images}: folder not found", "check the path")
+    check_before_training(cfg)
 
 
 def _has_cuda() -> bool:
@@ -127,10 +145,11 @@ def _launch_or_train(ctx: typer.Context, stage: str) -> Any:
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
         warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if params.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu" or not _has_cuda():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it found no GPU
     cfg = _build_config(stage, typed)  # check the options before launching anything
     cfg.check()
+    _check_paths(cfg)  # before torch is imported: a wrong path fails at once
+    if params.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu" or not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it found no GPU
     if params.get("gpus") and not os.environ.get(LAUNCHED_ENV):
         from llavamed_core.train.parallel import check_gpu_count
 
@@ -140,7 +159,9 @@ def _launch_or_train(ctx: typer.Context, stage: str) -> Any:
                    cfg.preset.per_device_batch)  # fails here, once, rather than in every process
         spec = LaunchSpec(nproc, params["nnodes"], params["node_rank"], params["master_addr"], params["master_port"])
         _console.info(f"launching {nproc} process(es) per node × {params['nnodes']} node(s) under torchrun")
-        code = launch(spec, ["train", stage, *_command_line(ctx)], device="cuda" if params.get("gpus") else "cpu")
+        # The paths found in the settings go on as flags: every process uses the same (one timestamp).
+        found = [a for k in ("model", "data", "images", "out") if k not in typed for a in (f"--{k}", str(getattr(cfg, k)))]
+        code = launch(spec, ["train", stage, *_command_line(ctx), *found], device="cuda" if params.get("gpus") else "cpu")
         raise typer.Exit(code)
 
     from transformers.utils import logging as hf_logging
@@ -190,41 +211,41 @@ def _render(result: Any, stage: str, json_out: bool) -> None:
 def _make_command(stage: str) -> Any:
     def command(
         ctx: typer.Context,
-        model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Input checkpoint directory (required unless in --config).")] = None,
-        data: Annotated[Optional[Path], typer.Option("--data", help="Conversation file, JSON array or JSONL (required unless in --config).")] = None,
-        images: Annotated[Optional[Path], typer.Option("--images", help="Folder the records' image paths are relative to (required unless in --config).")] = None,
-        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output checkpoint directory (required unless in --config).")] = None,
-        epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (default: the stage's).")] = None,
-        lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the stage's; 2e-4 with --lora).")] = None,
-        global_batch: Annotated[Optional[int], typer.Option(help="Samples per optimizer step over all processes (default 128, the paper's).")] = None,
-        per_device_batch: Annotated[Optional[int], typer.Option(help="Samples per process per forward pass (default: derived; accumulation makes up the rest).")] = None,
-        max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (smoke runs).")] = None,
-        max_length: Annotated[Optional[int], typer.Option(help="Longest sample in tokens, image included (default: the model's, at most 2048).")] = None,
-        seed: Annotated[Optional[int], typer.Option(help="Random seed (default 42).")] = None,
-        lora: Annotated[Optional[bool], typer.Option("--lora", help="Train LoRA adapters on the LM's projections (projector fully).")] = None,
-        qlora: Annotated[Optional[bool], typer.Option("--qlora", help="LoRA on a 4-bit (NF4) language model; needs bitsandbytes (pip install 'llavamed[qlora]').")] = None,
-        merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="After LoRA, write a merged standalone checkpoint (default) or the adapter alone.")] = None,
-        lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 128).")] = None,
-        lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default 256).")] = None,
-        deepspeed: Annotated[Optional[str], typer.Option(help="DeepSpeed: zero2, zero3 or a JSON config path (also in one process).")] = None,
-        fsdp: Annotated[Optional[bool], typer.Option("--fsdp", help="Shard with PyTorch FSDP2 (vision encoder and decoder layers; also in one process).")] = None,
-        gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations to save memory.")] = None,
-        report_to: Annotated[Optional[str], typer.Option(help="Log to: none, tensorboard, wandb, … (comma-separated).")] = None,
-        resume: Annotated[Optional[str], typer.Option(help="auto (newest checkpoint in the run dir, if any) or a checkpoint directory.")] = None,
-        run_dir: Annotated[Optional[Path], typer.Option(help="Folder of intermediate checkpoints (default: <out>.run).")] = None,
-        save_steps: Annotated[Optional[int], typer.Option(help="Write a resumable checkpoint every N steps (default 500).")] = None,
-        on_long: Annotated[Optional[str], typer.Option(help="Samples over --max-length: truncate (at turn boundaries) or drop.")] = None,
-        group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--random-batches", help="Batch samples of similar length (less padding) or at random.")] = None,
-        packing: Annotated[Optional[bool], typer.Option("--packing", help="Put each batch's samples end to end in rows (less padding; attention stays within each sample).")] = None,
-        workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: 0 on CPU, 4 on CUDA).")] = None,
+        model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Input checkpoint directory (default: [train.<stage>] in llavamed.toml; see `llavamed config show`).", rich_help_panel="Data")] = None,
+        data: Annotated[Optional[Path], typer.Option("--data", help="Conversation file, JSON array or JSONL (default: [train.<stage>] in llavamed.toml; see `llavamed config show`).", rich_help_panel="Data")] = None,
+        images: Annotated[Optional[Path], typer.Option("--images", help="Folder the records' image paths are relative to (default: [train.<stage>] in llavamed.toml; see `llavamed config show`).", rich_help_panel="Data")] = None,
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output checkpoint directory (default: train.<stage>.out in llavamed.toml, else RUNS/train/<stage>-<timestamp>/).", rich_help_panel="Data")] = None,
+        epochs: Annotated[Optional[float], typer.Option(help="Passes over the data (default: the stage's).", rich_help_panel="Schedule")] = None,
+        lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the stage's; 2e-4 with --lora).", rich_help_panel="Schedule")] = None,
+        global_batch: Annotated[Optional[int], typer.Option(help="Samples per optimizer step over all processes (default 128, the paper's).", rich_help_panel="Schedule")] = None,
+        per_device_batch: Annotated[Optional[int], typer.Option(help="Samples per process per forward pass (default: derived; accumulation makes up the rest).", rich_help_panel="Schedule")] = None,
+        max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (smoke runs).", rich_help_panel="Schedule")] = None,
+        max_length: Annotated[Optional[int], typer.Option(help="Longest sample in tokens, image included (default: the model's, at most 2048).", rich_help_panel="Data")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Random seed (default 42).", rich_help_panel="Schedule")] = None,
+        lora: Annotated[Optional[bool], typer.Option("--lora", help="Train LoRA adapters on the LM's projections (projector fully).", rich_help_panel="LoRA")] = None,
+        qlora: Annotated[Optional[bool], typer.Option("--qlora", help="LoRA on a 4-bit (NF4) language model; needs bitsandbytes (pip install 'llavamed[qlora]').", rich_help_panel="LoRA")] = None,
+        merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="After LoRA, write a merged standalone checkpoint (default) or the adapter alone.", rich_help_panel="LoRA")] = None,
+        lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 128).", rich_help_panel="LoRA")] = None,
+        lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default 256).", rich_help_panel="LoRA")] = None,
+        deepspeed: Annotated[Optional[str], typer.Option(help="DeepSpeed: zero2, zero3 or a JSON config path (also in one process).", autocompletion=_complete.DEEPSPEED, rich_help_panel="Parallelism")] = None,
+        fsdp: Annotated[Optional[bool], typer.Option("--fsdp", help="Shard with PyTorch FSDP2 (vision encoder and decoder layers; also in one process).", rich_help_panel="Parallelism")] = None,
+        gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations to save memory.", rich_help_panel="Schedule")] = None,
+        report_to: Annotated[Optional[str], typer.Option(help="Log to: none, tensorboard, wandb, … (comma-separated).", rich_help_panel="Logging")] = None,
+        resume: Annotated[Optional[str], typer.Option(help="auto (newest checkpoint in the run dir, if any) or a checkpoint directory.", rich_help_panel="Checkpoints")] = None,
+        run_dir: Annotated[Optional[Path], typer.Option(help="Folder of intermediate checkpoints (default: <out>.run).", rich_help_panel="Checkpoints")] = None,
+        save_steps: Annotated[Optional[int], typer.Option(help="Write a resumable checkpoint every N steps (default 500).", rich_help_panel="Checkpoints")] = None,
+        on_long: Annotated[Optional[str], typer.Option(help="Samples over --max-length: truncate (at turn boundaries) or drop.", rich_help_panel="Data")] = None,
+        group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--random-batches", help="Batch samples of similar length (less padding) or at random.", rich_help_panel="Data")] = None,
+        packing: Annotated[Optional[bool], typer.Option("--packing", help="Put each batch's samples end to end in rows (less padding; attention stays within each sample).", rich_help_panel="Data")] = None,
+        workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: 0 on CPU, 4 on CUDA).", rich_help_panel="Data")] = None,
         set_items: Annotated[Optional[list[str]], typer.Option("--set", help="key=value for any option or HF TrainingArguments field (repeatable).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options and TrainingArguments fields (e.g. a run's train_config.json).")] = None,
-        gpus: Annotated[Optional[int], typer.Option(help="Run N processes, one per GPU, under torchrun.")] = None,
-        nproc: Annotated[Optional[int], typer.Option(help="Run N CPU processes under torchrun (gloo).")] = None,
-        nnodes: Annotated[int, typer.Option(help="Machines in the run (torchrun).")] = 1,
-        node_rank: Annotated[int, typer.Option(help="This machine's rank (torchrun).")] = 0,
-        master_addr: Annotated[str, typer.Option(help="Address of the rank-0 machine (torchrun).")] = "127.0.0.1",
-        master_port: Annotated[int, typer.Option(help="Port on the rank-0 machine (torchrun).")] = 29500,
+        gpus: Annotated[Optional[int], typer.Option(help="Run N processes, one per GPU, under torchrun.", rich_help_panel="Parallelism")] = None,
+        nproc: Annotated[Optional[int], typer.Option(help="Run N CPU processes under torchrun (gloo).", rich_help_panel="Parallelism")] = None,
+        nnodes: Annotated[int, typer.Option(help="Machines in the run (torchrun).", rich_help_panel="Parallelism")] = 1,
+        node_rank: Annotated[int, typer.Option(help="This machine's rank (torchrun).", rich_help_panel="Parallelism")] = 0,
+        master_addr: Annotated[str, typer.Option(help="Address of the rank-0 machine (torchrun).", rich_help_panel="Parallelism")] = "127.0.0.1",
+        master_port: Annotated[int, typer.Option(help="Port on the rank-0 machine (torchrun).", rich_help_panel="Parallelism")] = 29500,
         overwrite: OverwriteOpt = False,
         json_out: JsonOpt = False,
     ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,11 +12,15 @@ from .. import _console
 from .._options import JsonOpt, OverwriteOpt, SeedOpt
 from . import app
 
+# The model presets, as a real choice (help lists them, Tab completes them). Kept in step with
+# llavamed_core.model.presets.PRESETS by a test; not imported from there so --help stays light.
+Preset = Enum("Preset", {n: n for n in ("tiny", "llava-med-v1", "llava-med-v1.5")}, type=str)
+
 
 @app.command("init")
 def init(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.")],
-    preset: Annotated[Optional[str], typer.Option(help="Build a randomly initialised model from a preset (tiny, llava-med-v1, llava-med-v1.5).")] = None,
+    preset: Annotated[Optional[Preset], typer.Option(help="Build a randomly initialised model from a preset (tiny: a CPU smoke-test model; for its training settings see `llavamed train align --help`).")] = None,
     shrink: Annotated[bool, typer.Option("--shrink", help="With --preset: the preset's exact layout, template, preprocessing and image-token count at tiny sizes (runs on a CPU in seconds).")] = False,
     llm: Annotated[Optional[Path], typer.Option(help="Causal LM to compose from (e.g. Vicuna, Mistral-Instruct): a directory or a Hub id org/name[@revision].")] = None,
     vision: Annotated[Optional[Path], typer.Option(help="CLIP vision model to compose from: a directory or a Hub id.")] = None,
@@ -26,6 +31,7 @@ def init(
     json_out: JsonOpt = False,
 ) -> None:
     """Write an untrained Llava checkpoint: from a preset, or from a local LLM + CLIP."""
+    preset = None if preset is None else Preset(preset).value
     from llavamed_core.errors import ConfigError
     from llavamed_core.model import build_from_preset, save_checkpoint
     from llavamed_core.model.compose import compose_llava

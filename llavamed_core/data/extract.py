@@ -260,7 +260,7 @@ def extract_figures(config: ExtractConfig, progress: ProgressCallback | None = N
         result.figures = plan.figures + len(plan.problems)
         total = result.figures
         done = len(known)
-        with JsonlAppender(failures_path, fsync=False) as failures:
+        with JsonlAppender(failures_path, fsync=False, lazy=True) as failures:  # only if any
             for p in plan.problems:
                 failures.write(_failure_record(p.pair_id, p.reason, p.detail, line=p.line))
                 reasons[p.reason] += 1
@@ -317,6 +317,9 @@ def _carry_over_failures(path: Path, plan: Plan, out: Path, retry_failed: bool) 
                     or (out / f"{pid}.jpg").exists()):
                 continue
             kept[pid] = rec
+    if not kept:  # no empty failures.jsonl: the file exists only while it lists something
+        path.unlink()
+        return {}
     with atomic_write(path) as fh:
         for rec in kept.values():
             fh.write(_json_line(rec))

@@ -100,8 +100,12 @@ def select_files(names: list[str] | tuple[str, ...]) -> list[ReleasedFile]:
             continue
         hits = [f.path for f in RELEASED_FILES if name in (f.group, f.path, f.name)]
         if not hits:
+            import difflib
+
+            close = difflib.get_close_matches(name, ["all", *GROUPS, *(f.name for f in RELEASED_FILES)], n=1)
             raise ConfigError(f"unknown data file or group '{name}'",
-                              f"choose from all, {', '.join(GROUPS)}, or a file name such as "
+                              (f"did you mean '{close[0]}'? " if close else "")
+                              + f"choose from all, {', '.join(GROUPS)}, or a file name such as "
                               f"{RELEASED_FILES[2].name}")
         wanted.update(hits)
     return [f for f in RELEASED_FILES if f.path in wanted]

@@ -356,7 +356,9 @@ def prepare_vqa(cfg: PrepareConfig, progress: ProgressCallback | None = None) ->
             published sizes of a standard release. Nothing is written in any of these cases.
     """
     if cfg.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset '{cfg.dataset}'", f"use one of {', '.join(DATASETS)}")
+        from ..errors import did_you_mean
+
+        raise ConfigError(f"unknown dataset '{cfg.dataset}'", did_you_mean(cfg.dataset, DATASETS, "use one of"))
     if cfg.lang not in LANGS:
         raise ConfigError(f"unknown --lang '{cfg.lang}'", "use en, zh or all")
     if cfg.lang != "en" and cfg.dataset != "slake":

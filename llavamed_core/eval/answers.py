@@ -195,8 +195,12 @@ def resolve_dataset(name_or_path: str, data_root: str | os.PathLike = "data", sp
         raise DataError(f"{candidate}: {name_or_path} is not prepared under {data_root}",
                         f"run `llavamed data prepare {name_or_path} --src RAW --out "
                         f"{Path(data_root) / name_or_path}`, or pass --data-root")
+    import difflib
+
+    close = difflib.get_close_matches(name_or_path, DATASETS, n=1)
     raise DataError(f"{name_or_path}: no such question file",
-                    f"give a file, or one of {', '.join(DATASETS)} (prepared with `llavamed data prepare`)")
+                    (f"did you mean '{close[0]}'? " if close else "")
+                    + f"give a file, or one of {', '.join(DATASETS)} (prepared with `llavamed data prepare`)")
 
 
 def _kind_of(path: Path) -> str:

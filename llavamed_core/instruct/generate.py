@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, LLMError, data_error
-from ..io import JsonlAppender, atomic_write, check_text_file, iter_records, read_jsonl, reading
+from ..io import JsonlAppender, check_text_file, iter_records, read_jsonl, reading
 from ..llm import LLMClient, LLMConfig, LLMRequestFailed, run_concurrent
 from ..progress import ProgressCallback, emit
 from ..records import DOMAINS, no_records_error
@@ -261,11 +261,11 @@ def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = No
              finished=finished, **info)
 
     # The failures file describes the latest run only: earlier failures are asked again now.
-    with atomic_write(fail_path):
-        pass
+    # It is created at the first failure (a clean run leaves none).
+    fail_path.unlink(missing_ok=True)
     try:
         report()
-        with JsonlAppender(output) as out, JsonlAppender(fail_path) as failures:
+        with JsonlAppender(output) as out, JsonlAppender(fail_path, lazy=True) as failures:
             for sample, res in run_concurrent(ask, todo, cfg.llm.concurrency,
                                               cfg.llm.max_consecutive_failures):
                 if isinstance(res, LLMRequestFailed):

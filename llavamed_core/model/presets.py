@@ -117,8 +117,9 @@ def get_preset(name: str) -> ModelPreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown model preset '{name}'",
-                          f"choose one of: {', '.join(PRESETS)}") from None
+        from ..errors import did_you_mean
+
+        raise ConfigError(f"unknown model preset '{name}'", did_you_mean(name, PRESETS)) from None
 
 
 # Sizes of a shrunk preset: a model that runs on a CPU in seconds.

@@ -100,4 +100,6 @@ def get_stage(name: str) -> StagePreset:
     try:
         return STAGES[name]
     except KeyError:
-        raise ConfigError(f"unknown training stage '{name}'", f"choose one of: {', '.join(STAGES)}") from None
+        from ..errors import did_you_mean
+
+        raise ConfigError(f"unknown training stage '{name}'", did_you_mean(name, STAGES)) from None
