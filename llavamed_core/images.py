@@ -37,7 +37,7 @@ from typing import Any
 
 from .errors import ConfigError, DataError, DependencyError
 
-__all__ = [
+__all__ = ["as_rgb", 
     "ImageOptions",
     "RenderInfo",
     "WINDOW_PRESETS",
@@ -336,7 +336,7 @@ def _render_ordinary(src: Any, where: str, max_pixels: int | None) -> tuple[Any,
                 raise DataError(f"{where}: the image has {im.width}x{im.height} pixels, over the "
                                 f"limit of {max_pixels:,}", "downscale it first")
             im.load()
-            rgb = _as_rgb(im)
+            rgb = as_rgb(im)
     except UnidentifiedImageError:
         raise DataError(f"{where}: does not decode as an image, DICOM or NIfTI file",
                         "give a PNG, JPEG, TIFF, … image, a DICOM file (.dcm) or a NIfTI "
@@ -350,8 +350,9 @@ def _render_ordinary(src: Any, where: str, max_pixels: int | None) -> tuple[Any,
     return rgb, RenderInfo("image", rgb.width, rgb.height)
 
 
-def _as_rgb(im: Any) -> Any:
-    """An 8-bit RGB copy of ``im``: alpha flattened on white, deep greys stretched to 0–255."""
+def as_rgb(im: Any) -> Any:
+    """An 8-bit RGB copy of ``im``: alpha flattened on white, deep greys stretched to 0–255 (the one
+    conversion every reader uses: chat, eval, training, serve and figure extraction)."""
     from PIL import Image
 
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):

@@ -37,17 +37,21 @@ def test_usage_error_exits_2(cli):
 
 
 def test_known_error_is_one_line_with_hint(cli, tmp_path):
-    res = cli("weights", "init", "--preset", "nope", "--out", tmp_path / "x")
+    res = cli("weights", "init", "--out", tmp_path / "x")
     assert res.exit_code == 1
-    assert res.stderr.startswith("Error: unknown model preset 'nope'")
-    assert "Hint: choose one of: tiny" in res.stderr
+    assert res.stderr.startswith("Error: give either --preset or both --llm and --vision")
+    assert "Hint: e.g. `llavamed weights init --preset tiny" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "x").exists()
+    # --preset is a choice: a wrong one is a usage error that lists the presets.
+    res = cli("weights", "init", "--preset", "nope", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "'nope' is not one of 'tiny'" in res.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_debug_shows_traceback(tmp_path):
     env = dict(os.environ, LLAVAMED_DEBUG="1")
-    res = subprocess.run([sys.executable, "-m", "llavamed_cli.main", "weights", "init", "--preset", "nope",
+    res = subprocess.run([sys.executable, "-m", "llavamed_cli.main", "weights", "init",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env)
     assert res.returncode == 1
     assert "Traceback" in res.stderr and "ConfigError" in res.stderr

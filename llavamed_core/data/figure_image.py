@@ -15,6 +15,8 @@ import re
 
 from PIL import Image, UnidentifiedImageError
 
+from ..images import as_rgb
+
 __all__ = ["ImageRejected", "to_jpeg", "is_valid_jpeg", "JPEG_FORMATS"]
 
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})
@@ -59,7 +61,7 @@ def to_jpeg(data: bytes, quality: int = 95) -> tuple[bytes, str]:
             im.load()
             if fmt in JPEG_FORMATS:
                 return data, fmt
-            rgb = _as_rgb(im)
+            rgb = as_rgb(im)
     except Image.DecompressionBombError as exc:
         raise ImageRejected("too-large", str(exc)) from None
     except _DECODE_ERRORS as exc:
@@ -69,23 +71,6 @@ def to_jpeg(data: bytes, quality: int = 95) -> tuple[bytes, str]:
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=quality)
     return buf.getvalue(), fmt
-
-
-def _as_rgb(im: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of ``im`` (first frame; alpha flattened on white; deep greys stretched)."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        import numpy as np
-
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return im.convert("RGB")
 
 
 def is_valid_jpeg(path: str | os.PathLike) -> bool:

@@ -292,14 +292,14 @@ def check_checkpoint_dir(path: str | os.PathLike, what: str = "--model") -> Path
     if not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         raise ModelError(f"{path}: no weight files (*.safetensors)", "the checkpoint is incomplete")
     for weights in sorted(path.glob("*.safetensors")):
-        problem = _safetensors_problem(weights)
+        problem = safetensors_problem(weights)
         if problem is not None:
             raise ModelError(f"{weights}: could not load the checkpoint ({problem})",
                              "the file is incomplete or corrupt; write or download it again")
     return path
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
     """What is wrong with a safetensors file's header, or ``None``: the header must be JSON and
     every tensor's data must lie within the file.
 

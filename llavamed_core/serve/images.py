@@ -207,28 +207,12 @@ def _decode(img: Any, param: str) -> Any:
     """Decode a lazily opened image's pixels (its size already checked) into RGB."""
     try:
         img.load()
-        return _to_rgb(img)
+        from ..images import as_rgb
+
+        return as_rgb(img)
     except Exception as exc:  # Pillow's decoders raise many types on corrupt data; all mean "bad image"
         raise bad_request(f"{param}: the image could not be decoded ({type(exc).__name__}: "
                           f"truncated or corrupt)", param, "invalid_image") from None
-
-
-def _to_rgb(img: Any) -> Any:
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite transparency on white, as an image viewer shows it (not on black).
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 async def fetch_remote_image(url: str, param: str, policy: RemoteImagePolicy, limits: ServeLimits,

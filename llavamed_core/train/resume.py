@@ -26,12 +26,12 @@ truncated or overwritten file is named in a one-line error).
 from __future__ import annotations
 
 import json
-import struct
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import LlavamedError, TrainingError
+from ..model.checkpoint import safetensors_problem
 
 __all__ = ["check_resume_checkpoint", "load_full_weights", "load_adapter_weights", "check_fsdp_keys",
            "check_deepspeed_adapter_keys", "resume_error",
@@ -60,34 +60,6 @@ def resume_error(ckpt: Path, exc: BaseException) -> TrainingError:
 
 
 # -- checking a checkpoint before the run starts ------------------------------------------------
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file (header not JSON, tensor data past the end), or None."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "truncated: no header"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                return f"truncated: the header says {n:,} bytes, the file has {size:,}"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as exc:
-        return f"unreadable header ({str(exc).splitlines()[0][:120]})"
-    if not isinstance(header, dict):
-        return "unreadable header (not a JSON object)"
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            end = int(meta["data_offsets"][1])
-        except (KeyError, TypeError, ValueError, IndexError):
-            return f"tensor {name}: unreadable entry in the header"
-        if 8 + n + end > size:
-            return f"truncated: tensor {name} ends at byte {8 + n + end:,}, the file has {size:,}"
-    return None
 
 
 def _torch_file_problem(path: Path, verify_data: bool) -> str | None:
@@ -181,7 +153,7 @@ def check_resume_checkpoint(ckpt: Path, *, lora: bool, deepspeed: bool, fsdp: bo
         files += [p for p in d.iterdir() if p.is_file()]
     for p in sorted(files):
         if p.suffix == ".safetensors":
-            problem = _safetensors_problem(p)
+            problem = safetensors_problem(p)
         elif p.suffix in (".pt", ".pth", ".bin"):
             problem = _torch_file_problem(p, verify_data)
         elif p.suffix == ".json":
