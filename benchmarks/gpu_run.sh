@@ -27,7 +27,7 @@ if [ -d "$WH" ]; then
 import importlib.util
 mods = {"typer": "typer>=0.29,<0.30", "rich": "rich", "fastapi": "fastapi", "uvicorn": "uvicorn",
         "httpx": "httpx", "multipart": "python-multipart", "yaml": "pyyaml", "jinja2": "jinja2",
-        "requests": "requests", "tabulate": "tabulate", "PIL": "pillow", "deepspeed": "deepspeed"}
+        "requests": "requests", "PIL": "pillow", "deepspeed": "deepspeed"}
 need = [req for mod, req in mods.items() if importlib.util.find_spec(mod) is None]
 try:  # the CLI needs Typer 0.29 (a typer-slim that came with other packages may be older)
     import typer

@@ -21,7 +21,7 @@ TARGET=(--python-version 3.12 --implementation cp --abi cp312
 # clients, train config files, DeepSpeed's pure-Python dependencies), with their dependencies.
 pip download --quiet --dest "$WH" "${TARGET[@]}" \
   "typer>=0.29,<0.30" "rich>=13" "fastapi>=0.110" "uvicorn>=0.29" "httpx>=0.27" "python-multipart>=0.0.9" \
-  "pyyaml>=6" "jinja2>=3.1" "requests>=2.31" "tabulate>=0.9" "pillow>=10" "hjson" "ninja" "py-cpuinfo" "psutil" "msgpack" "einops" "packaging" "tqdm" "pydantic>=2" \
+  "pyyaml>=6" "jinja2>=3.1" "requests>=2.31" "pillow>=10" "hjson" "ninja" "py-cpuinfo" "psutil" "msgpack" "einops" "packaging" "tqdm" "pydantic>=2" \
   "setuptools>=68" "wheel"
 
 # DeepSpeed as a pure-Python wheel (no compiled ops; its optimizers are not used: torch's AdamW is).

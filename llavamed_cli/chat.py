@@ -83,8 +83,11 @@ def _setup_readline() -> Any:
         import readline
     except ImportError:  # Windows without pyreadline
         return None
-    readline.parse_and_bind("set enable-bracketed-paste off")
-    readline.parse_and_bind("tab: complete")
+    if "libedit" in (readline.__doc__ or ""):  # macOS's readline is libedit: other syntax
+        readline.parse_and_bind("bind ^I rl_complete")
+    else:
+        readline.parse_and_bind("set enable-bracketed-paste off")
+        readline.parse_and_bind("tab: complete")
     readline.set_completer_delims(" \t\n")
     matches: list[str] = []
 

@@ -142,7 +142,7 @@ def test_unknown_group_is_a_clear_error(cli, tmp_path):
     res = cli("data", "download", "alignmnet", "--dest", tmp_path)
     assert res.exit_code == 1
     assert "Error: unknown data file or group 'alignmnet'" in res.stderr
-    assert "Hint: choose from all, alignment, instruct, eval, image-urls" in res.stderr
+    assert "Hint: did you mean 'alignment'? choose from all, alignment, instruct, eval, image-urls" in res.stderr
     assert res.stdout == ""
 
 

@@ -150,4 +150,4 @@ def test_bad_review_files(cli, tmp_path):
     assert res.exit_code == 1 and "file not found" in res.stderr
     ok = write_reviews(tmp_path / "ok.jsonl", REVIEWS_A)
     res = cli("eval", "summarize", ok, "--format", "xml")  # a choice: a usage error listing them
-    assert res.exit_code == 2 and "'xml' is not one of 'table'" in res.stderr
+    assert res.exit_code == 2 and "'xml' is not one of" in res.stderr and "'markdown'" in res.stderr

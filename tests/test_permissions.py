@@ -107,7 +107,8 @@ def test_downloaded_file_and_extracted_images(umask, tmp_path):
         res = extract_figures(ExtractConfig(urls=urls, out=out, workers=1, keep_tarballs=True,
                                             http=HttpConfig(retries=1)))
         assert res.extracted == 2
-        assert {"p1.jpg", "p2.jpg", "failures.jsonl", "tarballs", "tarballs/PMC1.tar.gz"} <= set(modes(out))
+        assert {"p1.jpg", "p2.jpg", "tarballs", "tarballs/PMC1.tar.gz"} <= set(modes(out))
+        assert "failures.jsonl" not in modes(out)  # nothing failed: no empty failures file
         assert modes(out) == expected(out, umask)
 
 

@@ -30,7 +30,7 @@ def test_bad_settings(cli, tiny_ckpt):
     res = cli("serve", "--model", tiny_ckpt, "--max-batch", "0")
     assert res.exit_code == 1 and "--max-batch must be at least 1" in res.stderr
     res = cli("serve", "--model", tiny_ckpt, "--engine", "tgi")  # a choice: a usage error listing them
-    assert res.exit_code == 2 and "'tgi' is not one of 'native', 'vllm'" in res.stderr
+    assert res.exit_code == 2 and "'tgi' is not one of" in res.stderr and "'vllm'" in res.stderr
     res = cli("serve", "--model", tiny_ckpt, "--api-key", "  ")
     assert res.exit_code == 1 and "the API key is empty" in res.stderr
 

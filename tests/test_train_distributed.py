@@ -51,6 +51,7 @@ def test_two_processes_write_a_loadable_checkpoint(cli_subprocess, tiny_ckpt, sy
     r = cli_subprocess("train", "instruct", "--model", tiny_ckpt, "--data", synth_data / "instruct.json",
                        "--images", synth_data / "images", "--out", out, "--global-batch", "8",
                        "--max-steps", "2", "--nproc", "2", "--master-port", str(_free_port()), *mode, "--json",
+                       "--keep-checkpoints",
                        env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = _one_json(r.stdout, r.stderr)  # one JSON document: only rank 0 printed
@@ -82,7 +83,7 @@ def test_resume_after_sigkill_reaches_the_same_final_step(tiny_ckpt, synth_data,
     out = tmp_path / "out"
     args = [sys.executable, "-m", "llavamed_cli.main", "train", "finetune", "--model", str(tiny_ckpt),
             "--data", str(synth_data / "train.json"), "--images", str(synth_data / "images"), "--out", str(out),
-            "--global-batch", "4", "--max-steps", "30", "--save-steps", "5"]
+            "--global-batch", "4", "--max-steps", "30", "--save-steps", "5", "--keep-checkpoints"]
     env = dict(os.environ, **ENV)
     first_ckpt = tmp_path / "out.run" / "checkpoint-5" / "trainer_state.json"
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

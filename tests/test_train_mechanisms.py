@@ -74,7 +74,8 @@ def test_one_process_zero2_zero3_fsdp_engage_and_leave_no_world_behind(cli, tiny
     # ZeRO-2 through the CLI, the way a user tries it: no --nproc, no MPI.
     out = tmp_path / "zero2"
     r = cli("train", "instruct", "--model", tiny_ckpt, "--data", synth_data / "instruct.json",
-            "--images", synth_data / "images", "--out", out, *FAST, "--deepspeed", "zero2", "--set", "device=cpu")
+            "--images", synth_data / "images", "--out", out, *FAST, "--deepspeed", "zero2", "--set", "device=cpu",
+            "--keep-checkpoints")
     assert r.exit_code == 0, r
     assert "mpi4py" not in r.stderr and "Traceback" not in r.stderr
     assert "DeepSpeed ZeRO-2, 1 process(es)" in r.stdout  # the summary says what ran

@@ -45,7 +45,8 @@ def _config(tiny_ckpt: Path, data: Path, images: Path, out: Path, **kw):
     from llavamed_core.train import TrainConfig
 
     return TrainConfig(stage="instruct", model=tiny_ckpt, data=data, images=images, out=out, max_steps=N,
-                       global_batch=4, save_steps=K, learning_rate=1e-3, seed=7, lora_r=4, lora_alpha=8, **kw)
+                       global_batch=4, save_steps=K, learning_rate=1e-3, seed=7, lora_r=4, lora_alpha=8,
+                       keep_checkpoints=True, **kw)
 
 
 def _losses(ckpt: Path) -> dict[int, float]:
@@ -145,7 +146,7 @@ def test_resume_auto_after_sigkill_equals_uninterrupted_run(runs, tiny_ckpt):
     root, data, images, _ = runs("full")
     args = [sys.executable, "-m", "llavamed_cli.main", "train", "instruct", "--model", str(tiny_ckpt),
             "--data", str(data), "--images", str(images), "--out", str(root / "B"), "--max-steps", str(N),
-            "--global-batch", "4", "--save-steps", str(K), "--lr", "1e-3", "--seed", "7"]
+            "--global-batch", "4", "--save-steps", str(K), "--lr", "1e-3", "--seed", "7", "--keep-checkpoints"]
     state = root / "B.run" / f"checkpoint-{K}" / "trainer_state.json"
     proc = subprocess.Popen(args, env=dict(os.environ, **ENV), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -173,7 +174,7 @@ def _cli_resume(cli, tiny_ckpt, full_run, tmp_path, ckpt, *extra):
     root, data, images, _ = full_run
     return cli("train", "instruct", "--model", tiny_ckpt, "--data", data, "--images", images,
                "--out", tmp_path / "C", "--max-steps", str(N), "--global-batch", "4", "--save-steps", str(K),
-               "--lr", "1e-3", "--seed", "7", "--resume", ckpt, *extra)
+               "--lr", "1e-3", "--seed", "7", "--resume", ckpt, "--keep-checkpoints", *extra)
 
 
 def _one_line_error(res, *needles: str) -> str:
@@ -336,7 +337,8 @@ def test_two_process_resume_equals_uninterrupted_run(tiny_ckpt, synth_data, tmp_
         args = [sys.executable, "-m", "llavamed_cli.main", "train", "instruct", "--model", str(tiny_ckpt),
                 "--data", str(data), "--images", str(images), "--out", str(tmp_path / out),
                 "--max-steps", str(N), "--global-batch", "4", "--save-steps", str(K), "--lr", "1e-3",
-                "--seed", "7", "--nproc", "2", "--master-port", str(_free_port()), "--json", *mode, *extra]
+                "--seed", "7", "--nproc", "2", "--master-port", str(_free_port()), "--json", "--keep-checkpoints",
+                *mode, *extra]
         r = subprocess.run(args, capture_output=True, text=True, timeout=900, env=dict(os.environ, **ENV))
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout)

@@ -233,6 +233,7 @@ def _make_command(stage: str) -> Any:
         report_to: Annotated[Optional[str], typer.Option(help="Log to: none, tensorboard, wandb, … (comma-separated).", rich_help_panel="Logging")] = None,
         resume: Annotated[Optional[str], typer.Option(help="auto (newest checkpoint in the run dir, if any) or a checkpoint directory.", rich_help_panel="Checkpoints")] = None,
         run_dir: Annotated[Optional[Path], typer.Option(help="Folder of intermediate checkpoints (default: <out>.run).", rich_help_panel="Checkpoints")] = None,
+        keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints", help="Keep the run folder's resumable checkpoints after a successful run (default: removed once the output is written).", rich_help_panel="Checkpoints")] = None,
         save_steps: Annotated[Optional[int], typer.Option(help="Write a resumable checkpoint every N steps (default 500).", rich_help_panel="Checkpoints")] = None,
         on_long: Annotated[Optional[str], typer.Option(help="Samples over --max-length: truncate (at turn boundaries) or drop.", rich_help_panel="Data")] = None,
         group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--random-batches", help="Batch samples of similar length (less padding) or at random.", rich_help_panel="Data")] = None,

@@ -61,6 +61,8 @@ class TrainConfig:
         resume: ``None`` starts fresh; ``"auto"`` resumes from the newest complete checkpoint in
             :attr:`run_dir` if there is one; a path resumes from that Trainer checkpoint.
         run_dir: folder of the Trainer's intermediate checkpoints and logs (``None``: ``<out>.run``).
+        keep_checkpoints: keep the run folder after a successful run (by default it is removed once
+            the output checkpoint is written; a failed or killed run always keeps it, to resume).
         save_steps: write a resumable Trainer checkpoint every this many steps.
         save_total_limit: keep at most this many intermediate checkpoints.
         device: ``"cpu"`` forces the CPU (``--nproc``); ``None`` uses CUDA when present.
@@ -104,6 +106,7 @@ class TrainConfig:
     report_to: str = "none"
     resume: str | None = None
     run_dir: Path | None = None
+    keep_checkpoints: bool = False
     save_steps: int = 500
     save_total_limit: int = 2
     device: str | None = None

@@ -16,6 +16,7 @@ Library use::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -472,7 +473,16 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
     (:func:`~llavamed_core.train.parallel.single_process_world`), torn down afterwards.
     """
     with single_process_world(cfg.fsdp or cfg.deepspeed is not None):
-        return _train(cfg, progress)
+        result = _train(cfg, progress)
+    # The output is written: the resumable checkpoints are no longer needed. Only what this run put
+    # in the run folder goes (logs asked for with --report-to stay), then the folder if empty.
+    run_dir = cfg.resolved_run_dir
+    if not cfg.keep_checkpoints and world_info().is_main and (cfg.out / "train_config.json").exists():
+        for p in [*run_dir.glob("checkpoint-*"), run_dir / "train_config.json", run_dir / "mechanism.json"]:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty
+    return result
 
 
 def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainResult:
