@@ -28,6 +28,11 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.delenv("LLAVAMED_DEBUG", raising=False)
+    # Every server a test talks to is on 127.0.0.1: a proxy from the environment must not intercept it.
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     # No user settings file or LLAVAMED_* setting leaks into a test (llavamed_core.config).
     from llavamed_core.config import KEYS
 

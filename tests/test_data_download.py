@@ -26,11 +26,7 @@ QA50 = Path(__file__).resolve().parent / "data" / "llava_med_eval_qa50_qa.jsonl"
 
 
 @pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+def _no_data_url(monkeypatch):
     monkeypatch.delenv("LLAVAMED_DATA_URL", raising=False)
 
 

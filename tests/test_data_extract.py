@@ -24,14 +24,6 @@ from llavamed_core.errors import ConfigError
 from llavamed_core.http import HttpConfig
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 def write_urls(path: Path, rows: list[tuple[str, str, str]], extra_lines: list[str] = ()) -> Path:
     """Write a URL list from (tarball URL, member, pair_id) rows."""
     with open(path, "w") as fh:

@@ -24,14 +24,6 @@ from llavamed_core.data.extract import ExtractConfig, extract_figures
 from llavamed_core.http import HttpConfig
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 def folder_state(out: Path) -> dict[str, object]:
     """Every file in ``out`` → its bytes (failures.jsonl as a sorted list of lines)."""
     state: dict[str, object] = {}

@@ -26,14 +26,6 @@ def umask(request):
     os.umask(old)
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 def modes(root: Path) -> dict[str, str]:
     """``relative path → octal mode`` of ``root`` and everything under it (links not followed)."""
     out = {".": oct(stat.S_IMODE(root.lstat().st_mode))}
