@@ -178,6 +178,7 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=2.0, help="size of the base model in GB (fp16)")
     ap.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build the models (default: a temp dir)")
+    ap.add_argument("--json", action="store_true", help="also print the figures as JSON (last line)")
     ap.add_argument("--baseline-worker", nargs=3, type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--build-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,6 +213,10 @@ def main() -> None:
         print(f"baseline (both models in memory): peak RSS {base_peak / 2**20:8.0f} MiB  {base_s:6.1f} s")
         print(f"ratio ours/baseline: {ours_peak / base_peak:.1%} (target <= 25%)")
         print(f"outputs identical: {differing == 0} ({differing} tensors differ)")
+        if args.json:
+            print(json.dumps({"format": args.format, "size_gb": args.size_gb, "ours_peak_bytes": ours_peak,
+                              "ours_s": ours_s, "baseline_peak_bytes": base_peak, "baseline_s": base_s,
+                              "ratio": ours_peak / base_peak, "tensors_differing": differing}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -179,7 +179,7 @@ def main() -> None:
           f"= {limit / 1e6:.2f} MB (target peak <= that: {'met' if peak_new <= limit else 'NOT met'}); "
           f"original peaked at {base_disk.peak / 1e6:.2f} MB")
     if args.json:
-        print(json.dumps({"figures": n, "original_s": t_base, "new_s": t_new, "ratio": ratio,
+        print(json.dumps({"figures": n, "workers": w, "original_s": t_base, "new_s": t_new, "ratio": ratio,
                           "peak_disk_new": peak_new, "peak_disk_original": base_disk.peak,
                           "images_bytes": images, "limit_bytes": limit}))
 

@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=3, help="batch size of the original scheme")
     ap.add_argument("--n", type=int, default=240, help="figures for the concurrent run")
     ap.add_argument("--n-baseline", type=int, default=60, help="figures for the batched baseline")
+    ap.add_argument("--json", action="store_true", help="also print the figures as JSON (last line)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     proc, url = start_server(args.latency)
@@ -111,6 +112,10 @@ def main() -> None:
     print(f"{f'original: batches of {args.batch}':<40} {base_n:>9} {base_t:>8.2f} {base_rps:>7.2f}")
     print(f"{f'instruct gen --concurrency {args.concurrency}':<40} {new_n:>9} {new_t:>8.2f} {new_rps:>7.2f}")
     print(f"ratio: {new_rps / base_rps:.2f}x (target >= 4x)")
+    if args.json:
+        print(json.dumps({"latency_s": args.latency, "concurrency": args.concurrency, "batch": args.batch,
+                          "baseline_requests": base_n, "baseline_s": base_t, "baseline_rps": base_rps,
+                          "requests": new_n, "seconds": new_t, "rps": new_rps, "ratio": new_rps / base_rps}))
 
 
 if __name__ == "__main__":

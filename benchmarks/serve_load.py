@@ -8,6 +8,15 @@ a 25-megapixel image, empty messages, an unknown model, broken JSON); those must
 4xx and the rest 200. Prints requests/s, p50/p99 latency and errors per level, and the
 requests/s ratio of batching over ``--max-batch 1`` at 32 clients (target: at least 3x).
 
+In the same run, two measures of the serving engine itself:
+
+- server over engine: the batching server's requests/s at 32 clients (valid requests only)
+  divided by the standalone engine's requests/s on the same requests at batch 32, loaded in
+  this process after the servers stopped, with the same threads (target: at least 0.8);
+- short during long: ``--long-requests`` answers of ``--long-tokens`` tokens sent at once, and
+  a ``--short-tokens`` request sent a tenth of the way into them: its latency divided by the
+  long batch's duration (target: at most 0.25; a static batch makes it wait, ratio >= 1).
+
 Run::
 
     python benchmarks/serve_load.py                               # CPU, tiny model
@@ -203,6 +212,85 @@ async def run_level(url: str, clients: int, total: int, images: list[str], max_t
             "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"), "problems": problems[:5]}
 
 
+async def short_during_long(url: str, images: list[str], n_long: int, long_tokens: int,
+                            short_tokens: int, short_after_s: float | None) -> dict:
+    """Send ``n_long`` long requests at once and, ``short_after_s`` later, one short one."""
+    import httpx
+
+    async def one(http: httpx.AsyncClient, n: int, max_tokens: int) -> tuple[float, float, int]:
+        body = {"model": "ckpt", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": images[n % len(images)]}},
+            {"type": "text", "text": f"Describe image {n} in detail."}]}],
+            "max_tokens": max_tokens, "temperature": 0}
+        t0 = time.perf_counter()
+        r = await http.post(url + "/v1/chat/completions", json=body)
+        t1 = time.perf_counter()
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        return t0, t1, int(r.json().get("usage", {}).get("completion_tokens", 0))
+
+    limits = httpx.Limits(max_connections=n_long + 4, max_keepalive_connections=n_long + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+        start = time.perf_counter()
+        longs = [asyncio.create_task(one(http, i, long_tokens)) for i in range(n_long)]
+        short = None
+        if short_after_s is not None:
+            await asyncio.sleep(short_after_s)
+            short = await one(http, 1000, short_tokens)
+        done = await asyncio.gather(*longs)
+    out = {"long_batch_s": max(t1 for _, t1, _ in done) - start,
+           "long_completion_tokens_mean": sum(c for _, _, c in done) / len(done)}
+    if short is not None:
+        out.update(short_latency_s=short[1] - short[0], short_sent_after_s=short_after_s,
+                   short_completion_tokens=short[2])
+    return out
+
+
+def measure_short_during_long(url: str, images: list[str], n_long: int, long_tokens: int,
+                              short_tokens: int) -> dict:
+    """The long batch alone (to time it), then again with the short request a tenth of the way in."""
+    alone = asyncio.run(short_during_long(url, images, n_long, long_tokens, short_tokens, None))
+    mixed = asyncio.run(short_during_long(url, images, n_long, long_tokens, short_tokens,
+                                          0.1 * alone["long_batch_s"]))
+    mixed.update(long_batch_alone_s=alone["long_batch_s"], long_requests=n_long,
+                 long_max_tokens=long_tokens, ratio=mixed["short_latency_s"] / mixed["long_batch_s"])
+    return mixed
+
+
+def engine_requests(images: list[str], n: int, max_tokens: int) -> list:
+    """The requests :func:`run_level` sends (same images, texts, greedy, max_tokens), for the engine."""
+    from PIL import Image
+
+    from llavamed_core.infer import ChatRequest
+    from llavamed_core.infer.engine import GenerationParams
+
+    pil = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in images]
+    return [ChatRequest([{"role": "user", "content": [{"type": "image", "image": pil[i % len(pil)]},
+                                                      {"type": "text", "text": f"What is the finding in image {i}?"}]}],
+                        GenerationParams(max_new_tokens=max_tokens, temperature=0.0)) for i in range(n)]
+
+
+def engine_standalone(ckpt: Path, device: str, images: list[str], n: int, batch: int, max_tokens: int,
+                      cpu_threads: int | None) -> dict:
+    """Requests/s of the engine in this process on ``n`` of :func:`run_level`'s requests at ``batch``."""
+    import torch
+
+    from llavamed_core.infer import Engine
+
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    engine = Engine.load(ckpt, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    engine.generate(engine_requests(images, batch, max_tokens), batch_size=batch)  # warm-up
+    reqs = engine_requests(images, n, max_tokens)
+    sync()
+    t0 = time.perf_counter()
+    out = engine.generate(reqs, batch_size=batch)
+    sync()
+    wall = time.perf_counter() - t0
+    return {"requests": len(reqs), "batch_size": batch, "wall_s": wall, "req_per_s": len(out) / wall}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -218,12 +306,20 @@ def main() -> None:
     ap.add_argument("--cpu-threads", type=int, default=1,
                     help="OMP_NUM_THREADS of the server on CPU (default 1: on a small shared machine "
                          "more threads make the tiny model's timings erratic); 0 = torch's default")
+    ap.add_argument("--ratio-requests", type=int, default=None,
+                    help="requests of the server-over-engine measure (default 128 for tiny, 64 for 0.5b)")
+    ap.add_argument("--long-requests", type=int, default=16, help="long answers of the short-during-long measure")
+    ap.add_argument("--long-tokens", type=int, default=256, help="max_tokens of the long answers")
+    ap.add_argument("--short-tokens", type=int, default=4, help="max_tokens of the short request")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args()
 
     clients = [int(c) for c in args.clients.split(",")]
     total = args.requests or (128 if args.size == "tiny" else 32)
     max_tokens = args.max_tokens or 32
+    top = max(clients)
+    ratio_requests = args.ratio_requests or (128 if args.size == "tiny" else 64)
+    extra: dict = {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         ckpt = Path(tmp) / "ckpt"
         built = build_checkpoint(args.size, args.device, ckpt)
@@ -254,8 +350,24 @@ def main() -> None:
                           f"queue {res['mean_queue_ms']:.0f} ms, generate {res['mean_gen_ms']:.0f} ms", flush=True)
                     for p in res["problems"]:
                         print(f"    problem: {p}", flush=True)
+                if max_batch > 1:
+                    server = asyncio.run(run_level(url, top, ratio_requests, images, max_tokens, [], 0))
+                    extra["server_at_max_clients"] = {k: server[k] for k in ("clients", "requests", "ok",
+                                                                             "errors", "wall_s", "req_per_s")}
+                    print(f"  server alone on the engine measure: {server['req_per_s']:.2f} req/s "
+                          f"({server['ok']} ok, {server['errors']} errors)", flush=True)
+                    sdl = measure_short_during_long(url, images, args.long_requests, args.long_tokens,
+                                                    args.short_tokens)
+                    extra["short_during_long"] = sdl
+                    print(f"  short during long: {sdl['short_latency_s'] * 1000:.0f} ms for "
+                          f"{sdl['short_completion_tokens']} tokens while {args.long_requests} answers "
+                          f"of up to {args.long_tokens} tokens took {sdl['long_batch_s']:.2f} s", flush=True)
             finally:
                 stop_server(proc)
+        eng = engine_standalone(ckpt, args.device, images, ratio_requests, top, max_tokens,
+                                args.cpu_threads if args.device == "cpu" else None)
+        extra["engine_standalone"] = eng
+        print(f"  standalone engine at batch {top}: {eng['req_per_s']:.2f} req/s", flush=True)
 
     print()
     header = f"{'config':12s} {'clients':>7s} {'requests':>8s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} {'malformed 4xx':>13s} {'errors':>6s}"
@@ -264,15 +376,21 @@ def main() -> None:
     for r in runs:
         print(f"{r['config']:12s} {r['clients']:7d} {r['requests']:8d} {r['req_per_s']:8.2f} "
               f"{r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {r['malformed_4xx']:13d} {r['errors']:6d}")
-    top = max(clients)
     by = {(r["config"], r["clients"]): r for r in runs}
     ratio = by[("batching", top)]["req_per_s"] / by[("max-batch 1", top)]["req_per_s"]
-    errors = sum(r["errors"] for r in runs)
+    errors = sum(r["errors"] for r in runs) + extra["server_at_max_clients"]["errors"]
+    over_engine = extra["server_at_max_clients"]["req_per_s"] / extra["engine_standalone"]["req_per_s"]
+    sdl = extra["short_during_long"]
     print(f"\nbatching / max-batch 1 at {top} clients: {ratio:.2f}x requests/s (target >= 3x); "
           f"errors: {errors}; malformed answered 4xx: {sum(r['malformed_4xx'] for r in runs)}")
+    print(f"server at {top} clients / standalone engine at batch {top}: {over_engine:.2f} "
+          f"(target >= 0.8)")
+    print(f"short request ({args.short_tokens} tokens) latency / long batch duration: {sdl['ratio']:.3f} "
+          f"(target <= 0.25)")
     if args.json:
         print(json.dumps({"size": args.size, "device": args.device, "max_tokens": max_tokens,
-                          "parameters": built["parameters"], "runs": runs, "ratio_at_max_clients": ratio},
+                          "parameters": built["parameters"], "runs": runs, "ratio_at_max_clients": ratio,
+                          **extra, "server_over_engine": over_engine, "errors": errors},
                          indent=2))
 
 

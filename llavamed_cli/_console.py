@@ -1,4 +1,4 @@
-"""Every Rich object the CLI uses: stdout/stderr consoles, tables, JSON output, progress.
+"""Every Rich object the CLI uses: stdout/stderr consoles, tables, the result (:class:`Output`), progress.
 
 stdout carries results (tables, paths, ``--json``); stderr carries logs, progress, warnings and
 errors. On a terminal progress is a Rich bar; elsewhere (CI, pipes) it is a plain log line at most
@@ -59,6 +59,48 @@ def print_json(obj: Any) -> None:
     """Print ``obj`` as JSON on stdout (plain text, no Rich markup)."""
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+class Output:
+    """A command's result on stdout, in one of two modes (the ``hf`` CLI's ``Output`` pattern).
+
+    With ``--json`` the result is exactly one JSON document (:meth:`result`) and the human forms
+    (:meth:`table`, :meth:`text`) print nothing; without it :meth:`result` prints nothing and the
+    human forms print. Logs, progress, warnings and errors go to stderr in both modes, so a
+    script reading ``--json`` output gets one parsable document and nothing else.
+
+    Args:
+        json_mode: the command's ``--json`` flag.
+    """
+
+    def __init__(self, json_mode: bool):
+        self.json_mode = bool(json_mode)
+        self._sent = False
+
+    def result(self, data: Any) -> None:
+        """With ``--json``, print ``data`` as the command's one JSON document; otherwise nothing.
+
+        Raises:
+            RuntimeError: a second document (a bug in the command, never the user's input).
+        """
+        if not self.json_mode:
+            return
+        if self._sent:
+            raise RuntimeError("a command prints one JSON document")
+        self._sent = True
+        print_json(data)
+
+    def table(self, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+              caption: str | None = None) -> None:
+        """Without ``--json``, print a table (:func:`print_table`); with it, nothing."""
+        if not self.json_mode:
+            print_table(title, columns, rows, caption)
+
+    def text(self, line: str) -> None:
+        """Without ``--json``, print a plain line on stdout (rank 0 only); with it, nothing."""
+        if not self.json_mode and is_rank_zero():
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
 
 _PATH_WIDTH = 40  # paths longer than this are shortened from the middle in tables

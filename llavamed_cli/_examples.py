@@ -38,7 +38,8 @@ EXAMPLES: dict[str, list[str]] = {
                  "llavamed eval vqa --answers answers.jsonl --gt data/vqa-rad/test.json"],
     "eval gpt-score": ["llavamed eval gpt-score --questions llava_med_eval_qa50_qa.jsonl --answers answers.jsonl "
                        "--output reviews.jsonl"],
-    "eval summarize": ["llavamed eval summarize reviews_a.jsonl reviews_b.jsonl --format markdown"],
+    "eval summarize": ["llavamed eval summarize eval/before eval/after --plot compare.png",
+                       "llavamed eval summarize reviews_a.jsonl reviews_b.jsonl --format markdown"],
     "train align": ["llavamed train align --model ckpt/init --data align.json --images images --out ckpt/align",
                     "llavamed train align --model ckpt/tiny --data synth/align.json --images synth/images "
                     "--out ckpt/align --lr 1e-3 --global-batch 32    (CPU smoke run)"],

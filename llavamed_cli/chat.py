@@ -273,9 +273,9 @@ def chat_command(
                               seed=seed)
     view = image_options(window, frame, slice_index, plane, volume)  # DICOM/NIfTI rendering
     if image is not None:
-        from llavamed_core.infer.session import load_chat_image
+        from llavamed_core.images import load_image
 
-        load_chat_image(image, view)  # fail before loading the model
+        load_image(image, view)  # fail before loading the model
     if model is None and server is None:
         from ._config import model as configured_model
 
@@ -288,10 +288,8 @@ def chat_command(
         _repl(session)
         return
     res = session.answer(prompt)
-    if json_out:
-        _console.print_json({"model": engine.model_name, "image": str(image) if image else None,
-                             "prompt": prompt, "text": res.text, "finish_reason": res.finish_reason,
-                             "prompt_tokens": res.prompt_tokens,
-                             "completion_tokens": res.completion_tokens})
-    else:
-        sys.stdout.write(res.text + "\n")
+    out = _console.Output(json_out)
+    out.result({"model": engine.model_name, "image": str(image) if image else None,
+                "prompt": prompt, "text": res.text, "finish_reason": res.finish_reason,
+                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens})
+    out.text(res.text)

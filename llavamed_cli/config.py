@@ -29,19 +29,18 @@ def show(json_out: JsonOpt = False) -> None:
 
     s = settings()
     values = s.all()
-    if json_out:
-        _console.print_json({
-            "project_file": str(s.project_path) if s.project_path else None,
-            "user_file": str(s.user_path),
-            "settings": {v.key: {"value": None if v.value is None else str(v.value), "source": v.source,
-                                 "env": KEYS[v.key].env} for v in values}})
-        return
+    out = _console.Output(json_out)
+    out.result({
+        "project_file": str(s.project_path) if s.project_path else None,
+        "user_file": str(s.user_path),
+        "settings": {v.key: {"value": None if v.value is None else str(v.value), "source": v.source,
+                             "env": KEYS[v.key].env} for v in values}})
     # Plain aligned lines, never truncated (paths are long): key, value, [source].
     width = max(len(v.key) for v in values)
     vwidth = max(len(str(v.value)) for v in values if v.value is not None)
     for v in values:
         value = "-" if v.value is None else str(v.value)
-        typer.echo(f"{v.key:<{width}}  {value:<{vwidth}}  [{v.source}]".rstrip())
+        out.text(f"{v.key:<{width}}  {value:<{vwidth}}  [{v.source}]".rstrip())
     _console.info("a command-line flag overrides each; then the environment (LLAVAMED_<KEY>), "
                   "the project file, the user file, the default")
     _console.info(f"project file: {s.project_path or f'none (looked for llavamed.toml in {s.cwd} and its parents)'}")

@@ -37,9 +37,10 @@ def demo_command(
     from ._config import write_demo_project
 
     project = write_demo_project(out, res.paths)  # `cd OUT && llavamed chat IMAGE` uses its model
-    if json_out:
-        _console.print_json(res.to_dict())
-        return
+    output = _console.Output(json_out)
+    output.result(res.to_dict())
+    if output.json_mode:
+        return  # the "try next" notes below are for a person
 
     def pct(v):
         return None if v is None else round(100 * v, 1)

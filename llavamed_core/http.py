@@ -1,5 +1,8 @@
 """Resumable, retried, verified HTTP downloads (used by ``data download``, ``data extract``, weights).
 
+Hand-written over ``requests`` because no library resumes a body mid-transfer: ``urllib3``'s Retry
+and ``huggingface_hub`` restart or resume only whole requests, not a stream a tar reader is consuming.
+
 Two ways to fetch a URL, both built on one retry policy:
 
 - :meth:`HttpClient.download` streams a body to ``<dest>.part`` beside the destination and renames
@@ -12,10 +15,10 @@ Two ways to fetch a URL, both built on one retry policy:
   already-read prefix when the server ignores ``Range``). ``tarfile.open(fileobj=..., mode="r|gz")``
   reads from it directly, so a tarball never has to touch the disk.
 
-Retry policy: connection errors, timeouts, 429 and 5xx are retried with exponential backoff and
-jitter, honouring ``Retry-After``; 4xx other than 429 (404, 403, ...) are not retried and raise
-:class:`HttpStatusError`. The attempt counter resets whenever bytes arrive, so a long download over
-a flaky link finishes. TLS and DNS failures get one clear message. Proxies come from the usual
+Retry policy: the one in :mod:`llavamed_core.retry` (connection errors, timeouts, 408/409/425/429
+and 5xx are retried with exponential backoff and jitter, honouring ``Retry-After``); any other 4xx
+(404, 403, ...) is not retried and raises :class:`HttpStatusError`. The attempt counter resets
+whenever bytes arrive, so a long download over a flaky link finishes. TLS and DNS failures get one clear message. Proxies come from the usual
 environment variables (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``), as ``requests`` reads them.
 
 Progress goes to a :data:`~llavamed_core.progress.ProgressCallback` in bytes (``done``/``total``),
@@ -25,7 +28,6 @@ with ``rate`` ("1.80 MB/s") and ``eta`` ("12 s") as display strings in the event
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import hashlib
 import json
 import os
@@ -45,6 +47,7 @@ from . import __version__
 from .errors import NetworkError
 from .io import atomic_write_json
 from .progress import ProgressCallback, emit
+from .retry import Backoff, RetryPolicy, is_transient, retry_after_seconds, retryable_status
 
 __all__ = [
     "HttpConfig",
@@ -52,15 +55,8 @@ __all__ = [
     "HttpStatusError",
     "DownloadResult",
     "ResumableStream",
-    "RETRY_STATUSES",
     "sha256_file",
 ]
-
-RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 509, 520, 521, 522, 523, 524})
-"""Statuses worth retrying: timeouts, rate limits and server-side failures."""
-
-_CONNECTION_ERRORS = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError,
-                      ConnectionError, TimeoutError)
 
 
 @dataclass
@@ -90,6 +86,11 @@ class HttpConfig:
     chunk_size: int = 1 << 16
     pool_size: int = 4
     user_agent: str = f"llavamed/{__version__}"
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The attempt limit and delays as a :class:`~llavamed_core.retry.RetryPolicy`."""
+        return RetryPolicy(self.retries, self.backoff, self.backoff_max, self.retry_after_max)
 
 
 class HttpStatusError(NetworkError):
@@ -136,22 +137,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20,
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -216,13 +201,16 @@ class HttpClient:
         stop: an event that, once set, makes waits and transfers end promptly with
             :class:`NetworkError` (used when the user interrupts a parallel job).
         rng: random source for the jitter (tests pass a seeded one).
+        sleep: waits between attempts (default: a wait on ``stop``, so an interrupt ends it);
+            tests pass a recorder.
     """
 
     def __init__(self, config: HttpConfig | None = None, stop: threading.Event | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, sleep: Callable[[float], object] | None = None):
         self.config = config or HttpConfig()
         self.stop = stop or threading.Event()
-        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self.backoff = Backoff(self.config.retry_policy, self._wait, rng)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -258,14 +246,12 @@ class HttpClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- retry policy ---------------------------------------------------------------------------
-    def backoff_delay(self, attempt: int) -> float:
-        """Seconds to wait before attempt ``attempt`` (1-based): exponential with equal jitter."""
-        cap = min(self.config.backoff_max, self.config.backoff * (2 ** max(0, attempt - 1)))
-        return cap / 2 + self._rng.uniform(0, cap / 2)
-
+    # -- retries --------------------------------------------------------------------------------
     def _wait(self, seconds: float) -> None:
-        if self.stop.wait(max(0.0, seconds)):
+        if self._sleep is not None:
+            self._sleep(seconds)
+            self.check_stop()
+        elif self.stop.wait(max(0.0, seconds)):
             raise NetworkError("interrupted")
 
     def check_stop(self) -> None:
@@ -303,7 +289,9 @@ class HttpClient:
                 raise NetworkError(f"{url}: TLS error ({_root_cause(exc)})",
                                    "check the URL's scheme and your clock; behind an inspecting "
                                    "proxy set REQUESTS_CA_BUNDLE to its certificate") from None
-            except _CONNECTION_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 if _is_dns_failure(exc):  # offline or a wrong host: say so at once
                     msg, hint = _describe_connection_error(url, exc)
                     raise NetworkError(msg, hint) from None
@@ -312,10 +300,9 @@ class HttpClient:
                 if resp.status_code < 400 or resp.status_code in ok_statuses:
                     return resp
                 status, reason = resp.status_code, resp.reason or ""
-                if status in RETRY_STATUSES:
-                    retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers, cap=self.config.retry_after_max)
                 resp.close()
-                if status not in RETRY_STATUSES:
+                if not retryable_status(status):
                     hint = ("the file is not on this server; check --base-url / --mirror"
                             if status in (404, 410) else
                             "the server refused the request; check the URL and any credentials"
@@ -324,23 +311,19 @@ class HttpClient:
                 failure = HttpStatusError(url, status, reason,
                                           "the server is failing or rate limiting; rerun later (the job resumes)")
             attempt += 1
-            if attempt > self.config.retries:
+            if self.backoff.gives_up(attempt):
                 if isinstance(failure, HttpStatusError):
                     raise failure
                 msg, hint = _describe_connection_error(url, failure)
                 raise NetworkError(msg, hint) from None
-            if retry_after is not None:
-                delay = min(retry_after, self.config.retry_after_max)
-            else:
-                delay = self.backoff_delay(attempt)
-            self._wait(delay)
+            self.backoff.wait(attempt, retry_after)
 
     def give_up_or_wait(self, url: str, attempt: int, exc: BaseException) -> None:
         """After a body failed mid-transfer: raise if out of attempts, else sleep the backoff."""
-        if attempt > self.config.retries:
+        if self.backoff.gives_up(attempt):
             msg, hint = _describe_connection_error(url, exc)
             raise NetworkError(msg, hint) from None
-        self._wait(self.backoff_delay(attempt))
+        self.backoff.wait(attempt)
 
     # -- whole-file download ----------------------------------------------------------------------
     def download(self, url: str, dest: str | os.PathLike, size: int | None = None,
@@ -424,7 +407,7 @@ class HttpClient:
                     _remove(part, state_path)
                     hasher, offset, resumed_from, state = hashlib.sha256(), 0, 0, None
                     attempt += 1
-                    if attempt > self.config.retries:
+                    if self.backoff.gives_up(attempt):
                         raise NetworkError(f"{url}: the server keeps refusing the byte range",
                                            "delete the .part file and rerun")
                     continue
@@ -468,7 +451,9 @@ class HttpClient:
                                  eta=f"{(total - offset) / r:.0f} s" if (total and r) else "?")
                         fh.flush()
                         os.fsync(fh.fileno())
-                except _CONNECTION_ERRORS as exc:
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
                     attempt = 0 if progressed else attempt
                     attempt += 1
                     self.give_up_or_wait(url, attempt, exc)
@@ -636,7 +621,9 @@ class ResumableStream:
                 if self.total is not None and self.position < self.total:
                     raise ConnectionError(f"body ended after {self.position:,} of {self.total:,} bytes")
                 return b""
-            except _CONNECTION_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 self._drop()
                 attempt += 1
                 self.reconnects += 1

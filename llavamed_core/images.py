@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError, DependencyError
+from .errors import ConfigError, DataError, DependencyError, LlavamedError, data_error
 
 __all__ = ["as_rgb", 
+    "image_problem",
+    "load_record_image",
     "ImageOptions",
     "RenderInfo",
     "WINDOW_PRESETS",
@@ -267,6 +269,67 @@ def load_image(source: str | os.PathLike | bytes, options: ImageOptions | None =
     return render_image(source, options, name=name, max_pixels=max_pixels)[0]
 
 
+def load_record_image(path: str | os.PathLike, source: object, record: object,
+                      options: ImageOptions | None = None, *, then: str | None = None) -> Any:
+    """:func:`load_image` for the image a data record names; a problem names the record.
+
+    Args:
+        path: the image file.
+        source: the file holding the record (questions, conversations), for messages.
+        record: the record's id.
+        options: how a DICOM/NIfTI file is rendered.
+        then: a sentence added to the hint (``"answers so far are kept and a rerun resumes"``).
+
+    Raises:
+        DataError: ``SOURCE, record ID, field 'image': PATH: image file not found`` (or the reason
+            it does not decode), hinting what to do.
+        DependencyError: as :func:`load_image`.
+    """
+    try:
+        return load_image(path, options)
+    except DataError as exc:
+        missing = not Path(path).expanduser().is_file()
+        hint = ("check --images (the folder the records' image paths are relative to)" if missing
+                else exc.hint or "replace or remove the file")
+        raise data_error(source, record, "image", exc.message, f"{hint}; {then}" if then else hint) from None
+
+
+def image_problem(path: str | os.PathLike, header_only: bool = False) -> tuple[str, str] | None:
+    """What is wrong with an image file, or ``None`` when it renders as :func:`load_image` does.
+
+    Args:
+        path: the file.
+        header_only: for an ordinary image read only the header (a cheap pass over a training
+            set; the pixels decode when the batch is built). DICOM and NIfTI files are rendered in
+            full either way: truncation, missing pixel data or a 4-D volume show only then.
+
+    Returns:
+        ``None``, ``("image-missing", "file not found")`` or ``("image-corrupt", REASON)``, the
+        reason :func:`load_image` gives (``"does not decode as an image (…)"``, ``"the DICOM file
+        has no pixel data …"``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "image-missing", "file not found"
+    try:
+        if header_only:
+            with open(path, "rb") as fh:
+                header_only = image_kind(fh.read(1024), path.name) == "image"
+        if header_only:
+            from PIL import Image
+
+            try:
+                with Image.open(path) as im:
+                    im.size  # noqa: B018 - reading the header is the check
+            except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as exc:
+                raise _pillow_problem(str(path), exc) from None
+        else:
+            load_image(path)
+    except LlavamedError as exc:  # DependencyError too: a DICOM file without pydicom is not usable
+        return "image-corrupt", exc.message.removeprefix(f"{path}: ")[:200]
+    return None
+
+
 def render_image(source: str | os.PathLike | bytes, options: ImageOptions | None = None, *,
                  name: str | None = None, max_pixels: int | None = None) -> tuple[Any, RenderInfo]:
     """Like :func:`load_image`, and also say how the picture was made (:class:`RenderInfo`)."""
@@ -328,7 +391,7 @@ def save_view(source: str | os.PathLike, out: str | os.PathLike,
 # --- ordinary images ----------------------------------------------------------------------------
 
 def _render_ordinary(src: Any, where: str, max_pixels: int | None) -> tuple[Any, RenderInfo]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(src) as im:
@@ -337,17 +400,24 @@ def _render_ordinary(src: Any, where: str, max_pixels: int | None) -> tuple[Any,
                                 f"limit of {max_pixels:,}", "downscale it first")
             im.load()
             rgb = as_rgb(im)
-    except UnidentifiedImageError:
-        raise DataError(f"{where}: does not decode as an image, DICOM or NIfTI file",
-                        "give a PNG, JPEG, TIFF, … image, a DICOM file (.dcm) or a NIfTI "
-                        "volume (.nii, .nii.gz)") from None
-    except Image.DecompressionBombError:
-        raise DataError(f"{where}: the image claims too many pixels (decompression-bomb guard)",
-                        "downscale it first") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise DataError(f"{where}: does not decode as an image ({_first_line(exc)})",
-                        "replace the file (it is truncated or corrupt)") from None
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise _pillow_problem(where, exc) from None
     return rgb, RenderInfo("image", rgb.width, rgb.height)
+
+
+def _pillow_problem(where: str, exc: BaseException) -> DataError:
+    """The :class:`DataError` for an exception Pillow raised opening or decoding ``where``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return DataError(f"{where}: does not decode as an image, DICOM or NIfTI file",
+                         "give a PNG, JPEG, TIFF, … image, a DICOM file (.dcm) or a NIfTI "
+                         "volume (.nii, .nii.gz)")
+    if isinstance(exc, Image.DecompressionBombError):
+        return DataError(f"{where}: the image claims too many pixels (decompression-bomb guard)",
+                         "downscale it first")
+    return DataError(f"{where}: does not decode as an image ({_first_line(exc)})",
+                     "replace the file (it is truncated or corrupt)")
 
 
 def as_rgb(im: Any) -> Any:

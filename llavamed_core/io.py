@@ -6,6 +6,8 @@
   killed job never leaves a directory that looks complete.
 - :class:`JsonlAppender` appends one record per line, flushed and fsynced; on open it cuts off a
   half-written last line left by a kill, so a rerun resumes cleanly.
+- :class:`ResumableJsonl` is the one "which ids are done" of every resumable output (answers,
+  reviews, generations): the records already on disk by id, and an append that writes each id once.
 - :func:`iter_json_array` streams the elements of a huge top-level JSON array without holding the
   text and the parsed list at once.
 - Files and folders made this way get the modes ``open``/``mkdir`` would give them (``0o666`` /
@@ -41,6 +43,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_dir",
     "JsonlAppender",
+    "ResumableJsonl",
     "read_jsonl",
     "iter_json_array",
     "iter_records",
@@ -399,7 +402,12 @@ def read_jsonl(path: str | os.PathLike, allow_partial_tail: bool = True) -> Iter
     Raises:
         DataError: a line that is not a JSON object (naming file and line).
     """
-    path = Path(path)
+    for _lineno, obj in _numbered_jsonl(Path(path), allow_partial_tail):
+        yield obj
+
+
+def _numbered_jsonl(path: Path, allow_partial_tail: bool = True) -> Iterator[tuple[int, dict]]:
+    """:func:`read_jsonl` with each object's line number (for messages naming the line)."""
     with reading(path), open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -414,7 +422,114 @@ def read_jsonl(path: str | os.PathLike, allow_partial_tail: bool = True) -> Iter
             if not isinstance(obj, dict):
                 raise data_error(path, f"line {lineno}", None,
                                  f"expected a JSON object, found {type(obj).__name__}")
-            yield obj
+            yield lineno, obj
+
+
+class ResumableJsonl:
+    """A JSONL output that a rerun resumes, keyed by one id field of its records.
+
+    On open the records already in the file are read by ``str(record[key])``: a torn last line
+    (a kill mid-write) is ignored here and cut off at the first append; a later line repeating an
+    id is counted in :attr:`duplicates` and ignored (the first record of an id wins). :meth:`write`
+    appends one record per line through :class:`JsonlAppender` (flushed and fsynced) and skips an id
+    already in the file, so a resumed run writes no id twice and ends with the records a run
+    without interruption would have written.
+    Entering it as a context manager creates the file at once (a run that answers nothing still
+    leaves its, empty, output); :meth:`write` alone creates it at the first record.
+
+    Args:
+        path: the JSONL file (it need not exist).
+        key: the id field (``question_id``, ``pair_id``).
+        what: how messages name the file's records ("the existing reviews").
+        hint: what to do about a record without ``key`` (the file is probably another kind).
+
+    Raises:
+        DataError: a line that is not a JSON object, or a record without ``key`` (naming the
+            file, the line and the field).
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str, what: str = "the existing output",
+                 hint: str = "is the output another kind of file? choose a new path"):
+        self.path = Path(path)
+        self.key = key
+        self.done: dict[str, dict] = {}  # the records on disk and written since, by str(id), in order
+        self.duplicates = 0  # lines whose id an earlier line already had (ignored)
+        self._out: JsonlAppender | None = None
+        if self.path.exists():
+            for lineno, rec in _numbered_jsonl(self.path):
+                rid = rec.get(key)
+                if rid is None or isinstance(rid, (dict, list)):
+                    raise data_error(self.path, f"line {lineno}", key, f"missing in {what}", hint)
+                if str(rid) in self.done:
+                    self.duplicates += 1
+                    continue
+                self.done[str(rid)] = rec
+
+    def __contains__(self, rid: object) -> bool:
+        return str(rid) in self.done
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+    def pending(self, items: Iterable[Any], id_of: Any) -> list[Any]:
+        """The items whose id (``id_of(item)``) is not done yet, in their order."""
+        return [item for item in items if str(id_of(item)) not in self.done]
+
+    def write(self, record: dict) -> bool:
+        """Append ``record`` unless its id is done already. Returns whether it was written.
+
+        Raises:
+            StorageError: the disk is full (the complete records so far stay).
+        """
+        rid = str(record[self.key])
+        if rid in self.done:
+            return False
+        if self._out is None:
+            self._out = JsonlAppender(self.path)
+        self._out.write(record)
+        self.done[rid] = record
+        return True
+
+    def drop(self, unwanted: Any) -> int:
+        """Remove the records for which ``unwanted(record)`` is true; rewrites the file atomically.
+
+        Returns:
+            How many were removed (the file is left alone when none is).
+        """
+        gone = [rid for rid, rec in self.done.items() if unwanted(rec)]
+        if gone:
+            self.close()
+            for rid in gone:
+                del self.done[rid]
+            self.rewrite(list(self.done))
+        return len(gone)
+
+    def rewrite(self, order: list[str]) -> None:
+        """Rewrite the file atomically: the records of ``order`` (ids) first, then the others."""
+        self.close()
+        first = [rid for rid in dict.fromkeys(order) if rid in self.done]
+        listed = set(first)
+        rest = [rid for rid in self.done if rid not in listed]
+        with atomic_write(self.path) as fh:
+            for rid in first + rest:
+                fh.write(json.dumps(self.done[rid], ensure_ascii=False) + "\n")
+        self.done = {rid: self.done[rid] for rid in first + rest}
+        self.duplicates = 0
+
+    def close(self) -> None:
+        """Close the file (a later :meth:`write` reopens it)."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def __enter__(self) -> "ResumableJsonl":
+        """Open the file for appending now (creating it, cutting a torn last line)."""
+        if self._out is None:
+            self._out = JsonlAppender(self.path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def iter_json_array(path: str | os.PathLike, chunk_size: int = 1 << 20) -> Iterator[Any]:

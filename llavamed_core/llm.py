@@ -3,18 +3,20 @@
 It talks to OpenAI, Azure OpenAI, or any OpenAI-compatible base URL (``llavamed serve``, vLLM) via
 the official ``openai`` package, and adds what long batch jobs need:
 
-- **our own retry policy** (the ``openai`` client runs with ``max_retries=0``): 429, 408/409, 5xx,
-  timeouts, dropped connections and malformed bodies are retried with exponential backoff and
-  jitter, honouring ``Retry-After``/``Retry-After-Ms``; 401/403/404 stop the run at once
-  (:class:`~llavamed_core.errors.LLMError`); other 4xx fail only that request
+- **the one retry policy** of :mod:`llavamed_core.retry` (the ``openai`` client runs with
+  ``max_retries=0``): 408/409/425/429, 5xx, timeouts and dropped connections are retried with
+  exponential backoff and jitter, honouring ``Retry-After``/``Retry-After-Ms``; so is a 200 whose
+  body is not a usable completion (cut, empty: an LLM's answer, worth asking again). 401/403/404
+  stop the run at once (:class:`~llavamed_core.errors.LLMError`); other 4xx fail only that request
   (:class:`LLMRequestFailed`).
 - **an optional requests-/tokens-per-minute limiter** (:class:`RateLimiter`, sliding 60 s window).
 - **token usage and cost** (:class:`UsageMeter`; prices per 1M tokens).
 - **an on-disk response cache** (:class:`ResponseCache`) keyed by a hash of the full request (model,
   messages, parameters), under ``$LLAVAMED_HOME/llm-cache`` (default ``~/.cache/llavamed``), so a
   rerun never pays twice.
-- **concurrency** (:func:`run_concurrent`): a thread pool keeping N requests in flight, results
-  handed back to the calling thread (which alone writes output files).
+- **concurrency** (:func:`run_concurrent`): the thread pool of :mod:`llavamed_core.pool` keeping N
+  requests in flight, results handed back to the calling thread (which alone writes output files),
+  and a stop after too many failures in a row.
 
 Configuration precedence: :class:`LLMConfig` defaults → environment (``OPENAI_API_KEY``,
 ``OPENAI_BASE_URL``, ``AZURE_OPENAI_ENDPOINT``, ``AZURE_OPENAI_API_KEY``, ``OPENAI_API_VERSION``,
@@ -24,8 +26,7 @@ never printed and are masked in error messages.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import email.utils
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,8 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError, LLMError
 from .io import atomic_write_json
+from .pool import map_unordered
+from .retry import Backoff, RetryPolicy, retry_after_seconds, retryable_status
 
 __all__ = [
     "LLMConfig",
@@ -53,17 +56,13 @@ __all__ = [
     "ResponseCache",
     "resolve_endpoint",
     "request_key",
-    "retry_after_seconds",
     "run_concurrent",
     "default_cache_dir",
     "estimate_tokens",
+    "api_error_message",
 ]
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-"""HTTP statuses worth retrying besides every 5xx."""
-MAX_RETRY_AFTER = 600.0
-"""Longest ``Retry-After`` we honour (seconds); a longer one is capped."""
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -208,27 +207,6 @@ def request_key(model: str, messages: list[dict], params: Mapping[str, Any]) -> 
     blob = json.dumps({"model": model, "messages": messages, "params": dict(params)},
                       sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
-    """Seconds a response asks us to wait: ``Retry-After-Ms``, ``Retry-After`` (seconds or an
-    HTTP date), or ``None``. Capped at :data:`MAX_RETRY_AFTER`."""
-    if not headers:
-        return None
-    lower = {k.lower(): v for k, v in headers.items()}
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = lower.get(name)
-        if value is None:
-            continue
-        try:
-            return min(max(float(value) / scale, 0.0), MAX_RETRY_AFTER)
-        except ValueError:
-            if name == "retry-after":
-                parsed = email.utils.parsedate_tz(value)
-                if parsed is not None:
-                    wait = email.utils.mktime_tz(parsed) - (time.time() if now is None else now)
-                    return min(max(wait, 0.0), MAX_RETRY_AFTER)
-    return None
 
 
 @dataclass
@@ -418,6 +396,24 @@ class ResponseCache:
             "created": time.time()}, indent=None)
 
 
+def api_error_message(exc: Any, secret: str | None = None, limit: int = 200) -> str:
+    """The server's own words from an ``openai`` error, on one line, with ``secret`` masked.
+
+    Reads the OpenAI error shape (``{"error": {"message": ...}}``), FastAPI's ``{"detail": ...}``,
+    or the body text, falling back to the exception's message.
+    """
+    body = getattr(exc, "body", None)
+    msg: Any = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        msg = err.get("message") or err.get("detail") if isinstance(err, dict) else err
+    elif isinstance(body, str):
+        msg = body
+    text = str(msg or getattr(exc, "message", None) or exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return _mask(text[:limit], secret)
+
+
 def _mask(text: str, secret: str | None) -> str:
     """``text`` with the secret (and its long prefixes) replaced by ``***``."""
     if secret and secret != "EMPTY" and len(secret) >= 4:
@@ -448,11 +444,9 @@ class LLMClient:
         self.usage = UsageMeter(cfg.price_in, cfg.price_out)
         self.limiter = RateLimiter(cfg.rpm, cfg.tpm) if (cfg.rpm or cfg.tpm) else None
         self.cache = ResponseCache(cfg.cache_dir or default_cache_dir(environ)) if cfg.use_cache else None
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._rng_lock = threading.Lock()
+        self.backoff = Backoff(RetryPolicy(cfg.max_retries, cfg.backoff, cfg.backoff_max), sleep, rng)
         ep = self.endpoint
-        # Our retry policy replaces the client's (max_retries=0): one place decides what to retry.
+        # The retry policy of llavamed_core.retry replaces the client's (max_retries=0).
         if ep.provider == "azure":
             self._client = openai.AzureOpenAI(azure_endpoint=ep.url, api_version=ep.api_version,
                                               api_key=ep.api_key, max_retries=0, timeout=cfg.timeout)
@@ -475,11 +469,6 @@ class LLMClient:
         p = {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
         p.update(overrides)
         return {k: v for k, v in p.items() if v is not None}
-
-    def _backoff(self, attempt: int) -> float:
-        base = min(self.cfg.backoff * (2 ** (attempt - 1)), self.cfg.backoff_max)
-        with self._rng_lock:
-            return base / 2 + self._rng.uniform(0, base / 2)
 
     def complete(self, messages: list[dict], *, refresh: bool = False, **overrides: Any) -> Completion:
         """Send one chat request (or answer it from the cache) and return the assistant's text.
@@ -525,7 +514,7 @@ class LLMClient:
                     "check --model/--judge (Azure: the deployment name) and the base URL") from None
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                if status < 500 and status not in RETRYABLE_STATUS:
+                if not retryable_status(status):
                     raise LLMRequestFailed(f"HTTP {status}: {self._server_message(exc)}", attempts,
                                            f"HTTP {status}") from None
                 kind = reason = f"HTTP {status}"
@@ -543,19 +532,14 @@ class LLMClient:
                 if self.cache is not None:
                     self.cache.put(key, model, comp)
                 return comp
-            if attempts > self.cfg.max_retries:
+            if self.backoff.gives_up(attempts):
                 raise LLMRequestFailed(f"{reason} after {attempts} attempt{'s' * (attempts > 1)}", attempts,
                                        kind)
             self.usage.add_retry()
-            self._sleep(wait_hint if wait_hint is not None else self._backoff(attempts))
+            self.backoff.wait(attempts, wait_hint)
 
     def _server_message(self, exc: Any) -> str:
-        body = getattr(exc, "body", None)
-        msg = None
-        if isinstance(body, dict):
-            err = body.get("error", body)
-            msg = err.get("message") if isinstance(err, dict) else None
-        return _mask(str(msg or exc.message or exc)[:200], self.endpoint.api_key)
+        return api_error_message(exc, self.endpoint.api_key)
 
     @staticmethod
     def _parse(resp: Any, attempts: int) -> Completion:
@@ -586,13 +570,12 @@ R = TypeVar("R")
 
 def run_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int,
                    max_consecutive_failures: int | None = None) -> Iterator[tuple[T, R | LLMRequestFailed]]:
-    """Run ``fn`` over ``items`` in a thread pool and yield ``(item, result)`` as each finishes.
+    """Run ``fn`` over ``items`` on the shared thread pool and yield ``(item, result)`` as each finishes.
 
-    Exactly ``concurrency`` items are in flight while work remains; the next is submitted as soon
-    as one finishes, before the caller handles the result. Results come back to the calling thread,
-    so it alone writes files. A :class:`LLMRequestFailed` from ``fn`` is yielded in place of the
-    result (the run goes on); any other exception cancels what is queued and is raised at once,
-    before more work is submitted.
+    ``concurrency`` requests are in flight while work remains (:func:`llavamed_core.pool.map_unordered`);
+    results come back to the calling thread, so it alone writes files. A :class:`LLMRequestFailed`
+    from ``fn`` is yielded in place of the result (the run goes on); any other exception stops the
+    run and is raised at once, before more work starts.
 
     Args:
         fn: the work for one item (called in worker threads).
@@ -603,42 +586,16 @@ def run_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int,
     Raises:
         LLMError: a fatal endpoint error, or too many failures in a row.
     """
-    it = iter(items)
     streak = 0
-    pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llm")
-    pending: dict[cf.Future, T] = {}
-
-    def top_up() -> None:
-        while len(pending) < concurrency:
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            pending[pool.submit(fn, item)] = item
-
-    try:
-        top_up()
-        while pending:
-            done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
-            finished: list[tuple[T, Any]] = []
-            for fut in done:
-                item = pending.pop(fut)
-                exc = fut.exception()
-                if exc is not None and not isinstance(exc, LLMRequestFailed):
-                    raise exc
-                finished.append((item, exc if exc is not None else fut.result()))
-            top_up()
-            for item, result in finished:
-                if isinstance(result, LLMRequestFailed):
-                    streak += 1
-                    if max_consecutive_failures and streak >= max_consecutive_failures:
-                        raise LLMError(f"{streak} requests in a row failed; the last: {result.reason}",
-                                       "check that the endpoint is up (and its URL), then rerun: "
-                                       "the job resumes")
-                else:
-                    streak = 0
-                yield item, result
-    finally:
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+    with contextlib.closing(map_unordered(fn, items, concurrency, return_errors=(LLMRequestFailed,),
+                                          name="llm")) as results:
+        for item, result in results:
+            if isinstance(result, LLMRequestFailed):
+                streak += 1
+                if max_consecutive_failures and streak >= max_consecutive_failures:
+                    raise LLMError(f"{streak} requests in a row failed; the last: {result.reason}",
+                                   "check that the endpoint is up (and its URL), then rerun: "
+                                   "the job resumes")
+            else:
+                streak = 0
+            yield item, result

@@ -10,7 +10,9 @@ What it answers is scripted:
   substring (``""`` matches every request): :func:`reply`, :func:`error` (any status, optional
   ``Retry-After``), :func:`slow` (a reply after a delay), :func:`drop` (close the connection
   without answering) and :func:`malformed` (a 200 with a body that is not a completion);
-- ``latency`` delays every answer (the benchmark uses 200 ms).
+- ``latency`` delays every answer (the benchmark uses 200 ms);
+- a request with ``"stream": true`` gets its reply as Server-Sent Events: one chunk per word,
+  a finish chunk, a usage chunk when ``stream_options.include_usage`` asks for one, ``[DONE]``.
 
 Every request is recorded (method, path, query, headers, JSON body) for assertions. Usage figures
 are deterministic: ``prompt_tokens`` = characters of all messages // 4, ``completion_tokens`` =
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import sys
 import threading
@@ -310,9 +313,28 @@ class LLMServer:
                               "completion_tokens": max(1, len(text) // 4),
                               "total_tokens": prompt_chars // 4 + max(1, len(text) // 4)},
                 }
+                if body.get("stream"):
+                    self._send(200, _sse_body(resp, bool((body.get("stream_options") or {}).get("include_usage"))),
+                               content_type="text/event-stream")
+                    return
                 self._send(200, json.dumps(resp).encode())
 
         return Handler
+
+
+def _sse_body(resp: dict, include_usage: bool) -> bytes:
+    """A completion as the Server-Sent Events of a streamed answer (one chunk per word)."""
+    base = {"id": resp["id"], "object": "chat.completion.chunk", "created": resp["created"],
+            "model": resp["model"]}
+    choice = resp["choices"][0]
+    text = choice["message"]["content"]
+    words = re.findall(r"\s*\S+|\s+$", text)  # joined, they are the text again
+    deltas = [{"role": "assistant", "content": ""}] + [{"content": w} for w in words]
+    chunks = [dict(base, choices=[{"index": 0, "delta": d, "finish_reason": None}]) for d in deltas]
+    chunks.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]))
+    if include_usage:
+        chunks.append(dict(base, choices=[], usage=resp["usage"]))
+    return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
 
 
 def _main(argv: list[str] | None = None) -> None:

@@ -76,7 +76,8 @@ def test_several_files_side_by_side(cli, tmp_path):
                                                    (3, "detailed_description", dom("chest_xray"), 4, 2)])
     md = cli("eval", "summarize", a, b, "--format", "markdown")
     assert md.exit_code == 0, md
-    prov, scores = md.stdout.strip().split("\n\n")
+    # Provenance and the chat table as before, then a title line and the relative scores with intervals.
+    prov, scores, title, compared = md.stdout.strip().split("\n\n")
     # First, one row per file saying what was judged (unknown for files without provenance).
     assert prov.splitlines()[2:] == ["| model_a | llava-a | judge-x | - | - |", "| model_b | - | - | - | - |"]
     lines = scores.splitlines()
@@ -86,6 +87,13 @@ def test_several_files_side_by_side(cli, tmp_path):
     assert "| CXR | 2 | 9.00 | 5.50 | 62.50 | 2 | 6.00 | 5.00 | 75.00 |" in lines
     assert "| Gross | 0 | - | - | - | 0 | - | - | - |" in lines
     assert lines[-1] == "| Overall | 4 | 6.25 | 5.00 | 106.25 | 2 | 6.00 | 5.00 | 75.00 |"
+    # Relative scores with 95 % intervals; model_b reviewed other questions: no difference computed.
+    assert title.startswith("**chat benchmark, relative score") and "1000 resamples, seed 0" in title
+    compared = compared.splitlines()
+    assert compared[0] == "| metric | n | model_a | model_b | model_b − model_a |"
+    assert compared[-1].startswith("| Overall | 2/4 | 106.2 [") and compared[-1].endswith("| not comparable |")
+    assert "model_b − model_a (chat): not comparable: different questions (3 only in model_a, 0 only in " \
+        "model_b)" in md.stderr
 
     res = cli("eval", "summarize", a, b, "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(res.stdout)))
@@ -151,3 +159,31 @@ def test_bad_review_files(cli, tmp_path):
     ok = write_reviews(tmp_path / "ok.jsonl", REVIEWS_A)
     res = cli("eval", "summarize", ok, "--format", "xml")  # a choice: a usage error listing them
     assert res.exit_code == 2 and "'xml' is not one of" in res.stderr and "'markdown'" in res.stderr
+
+
+def test_paired_difference_of_two_review_files(cli, tmp_path):
+    """B doubles the model score of question 1 (ratio 0.5 → 1.0, +50 points on that question): overall
+    +12.5 (4 scored questions), conversation and CXR +25 (2 each), 0 elsewhere. By hand, the overall
+    interval is [0, 37.5]: a resample's mean is 12.5 × (times question 1 is drawn); none of the 4 draws
+    is question 1 with probability 0.32 (> 2.5 %), three or more with 0.051 (> 2.5 %), four with
+    0.004 (< 2.5 %)."""
+    a = write_reviews(tmp_path / "a.jsonl", REVIEWS_A)
+    b = write_reviews(tmp_path / "b.jsonl", [(1, "conversation", dom("chest_xray"), 10, 10), *REVIEWS_A[1:]])
+    res = cli("eval", "summarize", a, b, "--format", "json")
+    assert res.exit_code == 0, res
+    _, sb = json.loads(res.stdout)
+    assert sb["buckets"]["overall"]["relative"] == pytest.approx(118.75)
+    diff = sb["difference"]["rows"]
+    assert (diff["overall"]["value"], diff["overall"]["ci_low"], diff["overall"]["ci_high"]) == (12.5, 0.0, 37.5)
+    assert diff["conversation"]["value"] == diff["chest_xray"]["value"] == 25.0
+    for name in ("detailed_description", "mri", "histology"):
+        assert (diff[name]["value"], diff[name]["ci_low"], diff[name]["ci_high"]) == (0.0, 0.0, 0.0)
+    assert diff["gross"]["comparable"] and diff["gross"]["value"] is None  # no scored question in either
+    # Each figure's point estimate is the table's relative score.
+    for name, e in sb["estimates"].items():
+        assert e["value"] == pytest.approx(sb["buckets"][name]["relative"]) if e["n"] else e["value"] is None
+    out = cli("eval", "summarize", a, b).stdout
+    assert "b − a" in out and "+12.5" in out and "[+0.0, +37.5]" in out
+    res = cli("eval", "summarize", a, b, "--format", "json", "--bootstrap", "0")
+    d = json.loads(res.stdout)[1]["difference"]["rows"]["overall"]
+    assert (d["value"], d["ci_low"], d["ci_high"]) == (12.5, None, None)

@@ -308,36 +308,45 @@ def test_unreadable_release_file_in_prepare(cli, tmp_path):
 
 # -- a full disk while saving ----------------------------------------------------------------------------
 
-def _full_disk_after_half(exc_factory):
-    """A stand-in for ``safetensors.torch.save_file`` that writes half a file, then fails."""
+def _full_disk_after_half(where):
+    """A stand-in for ``open`` in the checkpoint writer: its file fails as a full disk does, after
+    storing half of the first write (``where="write"``) or when the data is flushed (``"fsync"``)."""
+    import builtins
 
-    def save_file(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"\0" * 1000)
-        raise exc_factory(filename)
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
 
-    return save_file
+        def write(self, data):
+            if where == "write":
+                self.fh.write(bytes(data)[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def fileno(self):
+            self.fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    return lambda path, mode="r", *a, **kw: Full(builtins.open(path, mode, *a, **kw))
 
 
-def _enospc(filename):
-    return OSError(errno.ENOSPC, "No space left on device", filename)
-
-
-def _safetensors_enospc(filename):
-    from safetensors import SafetensorError
-
-    return SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                           'message: "No space left on device" })')
-
-
-@pytest.mark.parametrize("failure", [_enospc, _safetensors_enospc], ids=["OSError", "SafetensorError"])
-def test_full_disk_during_a_checkpoint_save(cli, tmp_path, monkeypatch, failure):
-    import safetensors.torch
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_full_disk_during_a_checkpoint_save(cli, tmp_path, monkeypatch, where):
+    import llavamed_core.model.shards as shards
 
     out = tmp_path / "ckpt"
     assert cli("weights", "init", "--preset", "tiny", "--out", out).exit_code == 0
     before = tree_state(tmp_path)
-    monkeypatch.setattr(safetensors.torch, "save_file", _full_disk_after_half(failure))
+    monkeypatch.setattr(shards, "open", _full_disk_after_half(where), raising=False)
     for target, extra in ((tmp_path / "new", []), (out, ["--overwrite"])):
         res = cli("weights", "init", "--preset", "tiny", "--seed", "3", "--out", target, *extra)
         err, hint = error_lines(res)

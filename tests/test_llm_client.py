@@ -2,14 +2,13 @@
 
 Covers: retries on 429 (Retry-After honoured), 5xx, timeouts, dropped connections and malformed
 bodies; no retry on 401/403 (and the key never shows); per-request failures on 4xx and exhausted
-retries; the response cache (hit, refresh, bypass, key covers every parameter); usage and cost;
+retries (the policy itself, shared with downloads and the remote engine: tests/test_retry.py); the response cache (hit, refresh, bypass, key covers every parameter); usage and cost;
 Azure-style configuration (path, api-version, api-key header); endpoint resolution from the
 environment; the rate limiter (with an injected clock); concurrency.
 """
 
 from __future__ import annotations
 
-import email.utils
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from llm_server import LLMServer, drop, error, malformed, reply, slow
 
 from llavamed_core.errors import ConfigError, LLMError
 from llavamed_core.llm import (LLMClient, LLMConfig, LLMRequestFailed, RateLimiter, estimate_tokens,
-                               request_key, resolve_endpoint, retry_after_seconds, run_concurrent)
+                               request_key, resolve_endpoint, run_concurrent)
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 MSGS = [{"role": "user", "content": "Figure caption:\nalpha figure"}]
@@ -208,16 +207,6 @@ def test_timeouts_exhausted_name_their_kind(tmp_path):
             with pytest.raises(LLMRequestFailed) as ei:
                 c.complete(MSGS)
     assert ei.value.kind == "timeout" and ei.value.reason == "timeout (0.3 s) after 2 attempts"
-
-
-def test_retry_after_parsing():
-    assert retry_after_seconds({"Retry-After": "3"}) == 3.0
-    assert retry_after_seconds({"retry-after-ms": "250", "Retry-After": "9"}) == 0.25
-    date = email.utils.formatdate(1000.0 + 12, usegmt=True)
-    assert retry_after_seconds({"Retry-After": date}, now=1000.0) == pytest.approx(12.0)
-    assert retry_after_seconds({"Retry-After": "99999"}) == 600.0
-    assert retry_after_seconds({"Retry-After": "soon"}) is None
-    assert retry_after_seconds({}) is None
 
 
 def test_rate_limiter_rpm_and_tpm_with_injected_clock():

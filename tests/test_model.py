@@ -127,3 +127,62 @@ def test_corrupt_weights_are_a_model_error(tiny_ckpt_copy):
     (tiny_ckpt_copy / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelError, match="could not load the checkpoint"):
         load_checkpoint(tiny_ckpt_copy)
+
+
+# -- the one checkpoint writer ------------------------------------------------------------------------------
+
+def test_sharded_checkpoint_is_standard_and_loads_with_transformers(tmp_path):
+    """save_checkpoint writes through the streaming writer: huggingface_hub's shard split (a tensor
+    over the limit alone in its shard), the standard index, files that safetensors and transformers read."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed_core.model.checkpoint import hub_key
+
+    model, processor = build_from_preset("tiny", seed=0)
+    state = {hub_key(k): v for k, v in model.state_dict().items()}
+    biggest = max(state, key=lambda k: state[k].numel())
+    limit = state[biggest].numel() * 4 - 1  # float32: the biggest tensors exceed it
+    out = save_checkpoint(model, processor, tmp_path / "ckpt", max_shard_bytes=limit)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    assert set(index["weight_map"]) == set(state)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+    on_disk = {}
+    for f in files:
+        shard = load_file(out / f)
+        size = sum(v.numel() * 4 for v in shard.values())
+        assert size <= limit or (len(shard) == 1 and size == limit + 1)  # one over the limit: alone
+        on_disk.update(shard)
+    assert set(on_disk) == set(state) and all(torch.equal(on_disk[k], state[k]) for k in state)
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_failure_mid_write_leaves_no_output(tmp_path):
+    """A producer that fails after shards are on disk: nothing at the output, no temporary folder;
+    an existing output (overwrite) is kept as it was."""
+    from llavamed_core.io import atomic_dir
+    from llavamed_core.model.shards import OutTensor, write_tensors
+
+    def plan(fail_at):
+        def pieces(i):
+            yield torch.full((100,), float(i))
+            if i == fail_at:
+                raise ModelError(f"tensor {i}: injected failure")
+            yield torch.full((100,), float(i))
+
+        return [OutTensor(f"t{i}", (200,), torch.float32, (lambda i=i: pieces(i))) for i in range(6)]
+
+    with atomic_dir(tmp_path / "old") as tmp:
+        write_tensors(tmp, plan(None), max_shard_bytes=1600)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    assert len(before) == 4  # 3 shards + index
+    for out, overwrite in ((tmp_path / "new", False), (tmp_path / "old", True)):
+        with pytest.raises(ModelError, match="injected failure"):
+            with atomic_dir(out, overwrite=overwrite) as tmp:
+                write_tensors(tmp, plan(4), max_shard_bytes=1600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before

@@ -33,6 +33,11 @@ def test_bad_settings(cli, tiny_ckpt):
     assert res.exit_code == 2 and "'tgi' is not one of" in res.stderr and "'vllm'" in res.stderr
     res = cli("serve", "--model", tiny_ckpt, "--api-key", "  ")
     assert res.exit_code == 1 and "the API key is empty" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--cors-origin", "https://ok.example,app.example.org/")
+    assert res.exit_code == 1 and "Error: --cors-origin 'app.example.org/' is not a web origin" in res.stderr
+    assert "Hint: give scheme, host and optional port" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--max-n", "0")
+    assert res.exit_code == 1 and "max_n must be at least 1" in res.stderr
 
 
 def test_a_checkpoint_that_fails_to_load_stops_the_server(tiny_ckpt_copy, tmp_path):

@@ -193,16 +193,17 @@ def test_a_hostile_request_fails_alone(batching, alone, monkeypatch, name, send,
 
 
 def test_an_engine_failure_in_one_row_fails_that_row_only(tiny_ckpt, tiny_engine, alone, monkeypatch):
-    real_run_batch = tiny_engine._run_batch
+    from llavamed_core.infer.batch import RunningBatch
 
-    def faulty_run_batch(chunk, requests, on_delta, should_stop):
-        poisoned = any("POISON" in json.dumps(requests[c[0]].messages, default=str) for c in chunk)
-        for step, finished in enumerate(real_run_batch(chunk, requests, on_delta, should_stop)):
-            if poisoned and step == 2:  # after the streamed rows have sent some text
-                raise RuntimeError("simulated device fault")
-            yield finished
+    real_step = RunningBatch.step
 
-    monkeypatch.setattr(tiny_engine, "_run_batch", faulty_run_batch)
+    def faulty_step(self):
+        poisoned = [r for r in self.rows if "POISON" in json.dumps(r.request.messages, default=str)]
+        if poisoned and len(poisoned[0].ids) == 2:  # after the streamed rows have sent some text
+            raise RuntimeError("simulated device fault")
+        return real_step(self)
+
+    monkeypatch.setattr(RunningBatch, "step", faulty_step)
     cfg = _config(tiny_ckpt, max_batch=len(VALID) + 1, max_wait_ms=5000)
     poison = {"messages": [{"role": "user", "content": "POISON: describe the scan"}], "max_tokens": 8,
               "temperature": 0}

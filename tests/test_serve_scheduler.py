@@ -59,16 +59,26 @@ def test_requests_queued_together_share_batches_and_match_single_runs(tiny_engin
 
 
 class _Held:
-    """The real engine, held at a gate until the test releases it."""
+    """The real engine, whose batches hold every admission at a gate until the test releases it."""
 
     def __init__(self, engine):
         self.engine = engine
         self.entered = threading.Event()
         self.gate = threading.Event()
 
+    def running_batch(self, on_delta, should_stop):
+        batch = self.engine.running_batch(on_delta, should_stop)
+        admit = batch.admit
+
+        def held_admit(items):
+            self.entered.set()
+            self.gate.wait(60)
+            return admit(items)
+
+        batch.admit = held_admit
+        return batch
+
     def generate(self, requests, **kw):
-        self.entered.set()
-        self.gate.wait(60)
         return self.engine.generate(requests, **kw)
 
 

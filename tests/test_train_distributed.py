@@ -1,5 +1,6 @@
-"""Real processes: ``--nproc 2`` under torchrun (gloo) with DDP, DeepSpeed ZeRO-2/3 and FSDP2, and
-resuming after the training process is killed with SIGKILL.
+"""Real processes: ``--nproc 2`` under torchrun (gloo) with DDP, DeepSpeed ZeRO-2/3 and FSDP2,
+resuming after the training process is killed with SIGKILL, and two "nodes" on localhost
+(``--nnodes 2 --node-rank 0|1``, or Slurm's variables alone) that train as one world of two.
 
 Each run's mechanism report (what accelerate prepared, ``<run dir>/mechanism.json``) must show the
 mechanism asked for: DDP's wrapper, the DeepSpeed engine at the ZeRO stage asked, FSDP2 units on
@@ -107,3 +108,83 @@ def test_resume_after_sigkill_reaches_the_same_final_step(tiny_ckpt, synth_data,
     state = json.loads((tmp_path / "out.run" / "checkpoint-30" / "trainer_state.json").read_text())
     assert state["global_step"] == 30 and state["max_steps"] == 30
     check_generates(out, synth_data / "images" / "train_00004.png")
+
+
+def _no_slurm_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+def _two_node_args(tiny_ckpt, synth_data, out) -> list[str]:
+    return [sys.executable, "-m", "llavamed_cli.main", "train", "instruct", "--model", str(tiny_ckpt),
+            "--data", str(synth_data / "instruct.json"), "--images", str(synth_data / "images"),
+            "--out", str(out), "--global-batch", "4", "--max-steps", "2", "--lr", "1e-3", "--seed", "7",
+            "--nproc", "1", "--json", "--keep-checkpoints"]
+
+
+def _run_two_nodes(args: list[str], envs: list[dict], extra: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Start the two node launchers at once (as two machines would) and wait for both."""
+    procs = [subprocess.Popen([*args, *x], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for e, x in zip(envs, extra)]
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def _assert_one_world_of_two(results: list[subprocess.CompletedProcess], out) -> None:
+    node0, node1 = results
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    assert node1.returncode == 0, node1.stderr[-3000:]
+    res = _one_json(node0.stdout, node0.stderr)  # rank 0 (node 0) reports the run
+    assert res["world_size"] == 2 and res["steps"] == 2 and res["out"] == str(out)
+    assert node1.stdout == "" and "node 1 of 2: done" in node1.stderr
+    assert "Traceback" not in node0.stderr + node1.stderr
+    mech = json.loads((out.parent / f"{out.name}.run" / "mechanism.json").read_text())
+    assert mech["world_size"] == 2 and mech["distributed"] == "MULTI_CPU"
+    assert (out / "model.safetensors").is_file()
+
+
+def test_two_nodes_on_localhost_equal_one_node_of_two(tiny_ckpt, synth_data, tmp_path):
+    """``--nnodes 2 --node-rank 0|1 --master-addr 127.0.0.1``, one process each: one world of two whose
+    weights equal a one-node ``--nproc 2`` run with the same settings."""
+    import torch
+
+    env = dict(_no_slurm_env(), **ENV)
+    ref = tmp_path / "ref"
+    r = subprocess.run([*_two_node_args(tiny_ckpt, synth_data, ref)[:-4], "--nproc", "2", "--json"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _one_json(r.stdout, r.stderr)["world_size"] == 2
+
+    out = tmp_path / "two-nodes"
+    port = str(_free_port())
+    results = _run_two_nodes(_two_node_args(tiny_ckpt, synth_data, out), [env, env],
+                             [["--nnodes", "2", "--node-rank", str(k), "--master-addr", "127.0.0.1",
+                               "--master-port", port] for k in (0, 1)])
+    _assert_one_world_of_two(results, out)
+    assert "× 2 nodes (this is node 1" in results[1].stderr
+    a, b = weights(ref), weights(out)
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-5
+    assert changed_groups(weights(tiny_ckpt), b)["language_model"]  # it did train
+
+
+@pytest.mark.slow
+def test_two_nodes_from_slurm_variables_alone(tiny_ckpt, synth_data, tmp_path):
+    """Under ``srun`` the node count, node rank, master address and port come from Slurm's variables
+    (no node flags): the two launches form a world of two."""
+    port = _free_port()
+    while not 20000 <= port < 60000:
+        port = _free_port()
+    out = tmp_path / "slurm"
+    envs = [dict(_no_slurm_env(), **ENV, SLURM_JOB_ID=str(port - 20000), SLURM_JOB_NUM_NODES="2",
+                 SLURM_NODEID=str(k), SLURM_JOB_NODELIST="localhost") for k in (0, 1)]
+    results = _run_two_nodes(_two_node_args(tiny_ckpt, synth_data, out), envs, [[], []])
+    _assert_one_world_of_two(results, out)
+    assert f"rank 0 at localhost:{port}, from Slurm" in results[0].stderr

@@ -124,3 +124,127 @@ def test_bad_adapters_are_refused_before_writing(cli, adapter, tiny_ckpt, tmp_pa
     res = cli("weights", "merge-lora", "--adapter", tiny_ckpt, "--out", tmp_path / "out")
     assert res.exit_code == 1 and "no adapter_config.json" in res.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+# -- the variants: plain LoRA, rsLoRA, DoRA; streamed == PEFT-merged == adapter on the base ---------------
+
+VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+
+
+def _variant_adapter(base_dir, out, variant):
+    """A PEFT adapter of ``variant`` on the tiny model, built in-process (random B; DoRA magnitudes moved
+    off their initial norms), with LoRA on an embedding too; returns the live ``PeftModel``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, rank_pattern={"down_proj": 2},
+                     target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj|embed_tokens)",
+                     **VARIANTS[variant])
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand_like(p))
+    peft_model.save_pretrained(out)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_streamed_merge_is_peft_merge_for_each_variant(variant, tiny_ckpt, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llavamed_core.model.checkpoint import hub_key
+    from llavamed_core.model.merge_lora import MergeLoraConfig, merge_lora
+
+    peft_model = _variant_adapter(tiny_ckpt, tmp_path / "adapter", variant)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in saved) == (variant == "dora")
+    assert any("lora_embedding_A" in k for k in saved)
+    inputs = _inputs(AutoProcessor.from_pretrained(tiny_ckpt))
+    with torch.no_grad():
+        on_base = peft_model(**inputs).logits  # the adapter applied on the fly, not merged
+    # Small blocks (several per weight) and small shards: the streamed path at its finest.
+    result = merge_lora(MergeLoraConfig(adapter=tmp_path / "adapter", base=tiny_ckpt, out=tmp_path / "merged",
+                                        chunk_bytes=2048, max_shard_bytes=60_000))
+    assert result.merged == 7 and result.shards > 1  # q, v, down in 2 layers + embed_tokens
+    peft_merged = {hub_key(k): v for k, v in peft_model.merge_and_unload().state_dict().items()}
+    streamed, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, tensor in streamed.state_dict().items():
+        assert (tensor - peft_merged[hub_key(key)]).abs().max().item() <= 1e-6, key
+    with torch.no_grad():
+        merged_logits = streamed.eval()(**inputs).logits
+    assert (merged_logits - on_base).abs().max().item() <= 1e-5
+    base = load_file(tiny_ckpt / "model.safetensors")
+    changed = [k for k in result.merged_names if not torch.equal(base[k], streamed.state_dict()[
+        next(n for n in streamed.state_dict() if hub_key(n) == k)])]
+    assert changed == result.merged_names  # every adapted weight really moved
+
+
+def test_in_memory_merge_is_peft_and_refuses_foreign_names(tiny_ckpt, tmp_path):
+    """``merge_adapter`` (chat/serve given an adapter) is PEFT's merge; an adapter whose names fit no
+    module (the original LLaVA layout) is refused instead of being silently left out."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llavamed_core.errors import ModelError
+    from llavamed_core.model.merge_lora import merge_adapter
+
+    peft_model = _variant_adapter(tiny_ckpt, tmp_path / "adapter", "dora")
+    inputs = _inputs(AutoProcessor.from_pretrained(tiny_ckpt))
+    with torch.no_grad():
+        on_base = peft_model(**inputs).logits
+        merged = merge_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_ckpt), tmp_path / "adapter")
+        assert (merged.eval()(**inputs).logits - on_base).abs().max().item() <= 1e-5
+    state = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file({k.replace("model.language_model.", "model."): v for k, v in state.items()},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(ModelError) as err:
+        merge_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_ckpt), tmp_path / "adapter")
+    assert "fits no module" in err.value.message and "weights merge-lora" in err.value.hint
+    from llavamed_core.infer.engine import Engine
+
+    with pytest.raises(ModelError, match="fits no module"):  # what chat/serve/eval load an adapter with
+        Engine.load(tmp_path / "adapter", base=tiny_ckpt)
+
+
+def test_dora_without_use_dora_is_refused(tiny_ckpt, tmp_path):
+    _variant_adapter(tiny_ckpt, tmp_path / "adapter", "dora")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), use_dora=False)))
+    from llavamed_core.errors import ModelError
+    from llavamed_core.model.merge_lora import MergeLoraConfig, merge_lora
+
+    with pytest.raises(ModelError) as err:
+        merge_lora(MergeLoraConfig(adapter=tmp_path / "adapter", base=tiny_ckpt, out=tmp_path / "out"))
+    assert "lora_magnitude_vector" in err.value.message and "use_dora is not set" in err.value.message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_mid_merge_leaves_no_output(cli, adapter, tiny_ckpt, tmp_path, monkeypatch):
+    """A merge that fails after some shards are on disk leaves nothing at --out, and an existing
+    --out (with --overwrite) untouched."""
+    import llavamed_core.model.merge_lora as ml
+    from llavamed_core.errors import ModelError
+
+    adapter_dir, _ = adapter
+    real, calls = ml._peft_merge, []
+
+    def fail_late(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise ModelError("injected failure")
+        return real(*args)
+
+    monkeypatch.setattr(ml, "_peft_merge", fail_late)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("kept")
+    for out, extra in ((tmp_path / "new", []), (tmp_path / "old", ["--overwrite"])):
+        calls.clear()
+        res = cli("weights", "merge-lora", "--adapter", adapter_dir, "--out", out, "--max-shard-size", "20000",
+                  *extra)
+        assert res.exit_code == 1 and "injected failure" in res.stderr
+        assert len(calls) == 4
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".*"))
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["keep.txt"]

@@ -50,12 +50,10 @@ def download(
                             http=HttpConfig(retries=retries, read_timeout=timeout, pool_size=workers))
     with _console.progress() as cb:
         report = download_released(config, cb)
-    if json_out:
-        _console.print_json(report.to_dict())
-    else:
-        _console.print_table(f"data download → {dest}", ["file", "size", "status", "time (s)"],
-                             [[f.path.rsplit("/", 1)[-1], _size(f.size), f.status, round(f.seconds, 2)]
-                              for f in report.files])
+    output = _console.Output(json_out)
+    output.result(report.to_dict())
+    output.table(f"data download → {dest}", ["file", "size", "status", "time (s)"],
+                 [[f.path.rsplit("/", 1)[-1], _size(f.size), f.status, round(f.seconds, 2)] for f in report.files])
     for f in report.failed:
         _console.warn(f"{f.path}: {f.error}")
     if report.failed:

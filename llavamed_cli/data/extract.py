@@ -48,21 +48,19 @@ def extract(
         http=HttpConfig(retries=retries, read_timeout=timeout, pool_size=2))
     with _console.progress() as cb:
         result = extract_figures(config, cb)
-    if json_out:
-        _console.print_json(result.to_dict())
-    else:
-        rate = result.extracted / result.seconds if result.seconds > 0 else 0.0
-        _console.print_table(f"data extract → {out}", ["", "value"],
-                             [["figures", result.figures], ["already there", result.present],
-                              ["extracted", result.extracted], ["converted", result.converted],
-                              ["failed", result.failed], ["tarballs fetched", result.tarballs_fetched],
-                              ["downloaded (MB)", round(result.bytes_downloaded / 1e6, 2)],
-                              ["time (s)", round(result.seconds, 2)], ["figures/s", round(rate, 2)]])
-        if result.failures_by_reason:
-            _console.print_table("failures by reason", ["reason", "figures", "meaning"],
-                                 [[r, n, FAILURE_REASONS.get(r, "")]
-                                  for r, n in result.failures_by_reason.items()])
-            _console.info(f"Details: {result.failures_path}")
+    output = _console.Output(json_out)
+    output.result(result.to_dict())
+    rate = result.extracted / result.seconds if result.seconds > 0 else 0.0
+    output.table(f"data extract → {out}", ["", "value"],
+                 [["figures", result.figures], ["already there", result.present],
+                  ["extracted", result.extracted], ["converted", result.converted],
+                  ["failed", result.failed], ["tarballs fetched", result.tarballs_fetched],
+                  ["downloaded (MB)", round(result.bytes_downloaded / 1e6, 2)],
+                  ["time (s)", round(result.seconds, 2)], ["figures/s", round(rate, 2)]])
+    if result.failures_by_reason:
+        output.table("failures by reason", ["reason", "figures", "meaning"],
+                     [[r, n, FAILURE_REASONS.get(r, "")] for r, n in result.failures_by_reason.items()])
+        _console.info(f"Details: {result.failures_path}")
     if strict and result.failed:
         raise DataError(f"{result.failed:,} of {result.figures:,} figures could not be had "
                         f"(--strict); see {result.failures_path}",

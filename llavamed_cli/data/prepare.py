@@ -58,9 +58,8 @@ def prepare(
                           + ", ".join(f"{c.figure} {c.got:,} (published {c.expected:,})" for c in bad))
     if result.skipped:
         _console.warn(f"skipped {result.skipped} bad record(s); first: {result.problems[0]}")
-    if json_out:
-        _console.print_json(result.to_dict())
-        return
+    output = _console.Output(json_out)
+    output.result(result.to_dict())
     rows = []
     for split, s in result.splits.items():
         pub = expected.get((split, "questions"))
@@ -68,6 +67,5 @@ def prepare(
         rows.append([split, s.questions, s.open, s.closed, s.images, s.skipped,
                      pub if pub is not None else "-",
                      "-" if pub is None else ("ok" if ok else "MISMATCH")])
-    _console.print_table(f"data prepare {result.dataset} ({result.source_kind}) → {result.out}",
-                         ["split", "questions", "open", "closed", "images", "skipped",
-                          "published", "check"], rows)
+    output.table(f"data prepare {result.dataset} ({result.source_kind}) → {result.out}",
+                 ["split", "questions", "open", "closed", "images", "skipped", "published", "check"], rows)

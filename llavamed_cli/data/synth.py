@@ -26,10 +26,9 @@ def synth(
 
     with _console.progress() as cb:
         res = make_synthetic_vqa(SynthConfig(out=out, n_train=n, n_test=n_test, size=size, seed=seed), cb)
-    if json_out:
-        _console.print_json({k: str(v) if isinstance(v, Path) else v for k, v in res.__dict__.items()})
-        return
-    _console.print_table("data synth", ["file", "records", "what"], [
+    output = _console.Output(json_out)
+    output.result({k: str(v) if isinstance(v, Path) else v for k, v in res.__dict__.items()})
+    output.table("data synth", ["file", "records", "what"], [
         [str(res.train), res.train_records, "VQA train (one question per record)"],
         [str(res.test), res.test_records, f"VQA test ({res.closed_test} closed, {res.open_test} open)"],
         [str(res.align), n, "alignment captions"],

@@ -30,17 +30,14 @@ def validate(
     with _console.progress() as cb:
         rep = validate_conversations(file, images, processor=processor, max_length=max_length or ctx,
                                      require_image=not text_only, progress=cb)
-    if json_out:
-        _console.print_json(rep.to_dict())
-    else:
-        rows = []
-        d = rep.to_dict()
-        for kind, count in rep.by_kind().items():
-            rows.append([kind, count, d["examples"][kind][0]["message"]])
-        _console.print_table(f"{file}: {rep.records:,} records, {rep.ok:,} ok",
-                             ["problem", "records", "first example"], rows or [["none", 0, "-"]])
-        if rep.max_tokens is not None:
-            _console.info(f"longest record: {rep.max_tokens} tokens (limit {rep.max_length})")
+    out = _console.Output(json_out)
+    d = rep.to_dict()
+    out.result(d)
+    rows = [[kind, count, d["examples"][kind][0]["message"]] for kind, count in rep.by_kind().items()]
+    out.table(f"{file}: {rep.records:,} records, {rep.ok:,} ok",
+              ["problem", "records", "first example"], rows or [["none", 0, "-"]])
+    if rep.max_tokens is not None:
+        _console.info(f"longest record: {rep.max_tokens} tokens (limit {rep.max_length})")
     if rep.problems:
         _console.print_error(f"{file}: {len(rep.problems)} problem(s) in {rep.records - rep.ok} record(s)",
                              "fix the records listed above (--json lists up to 20 per kind)")

@@ -31,13 +31,14 @@ def view(
     from llavamed_core.images import save_view
 
     path, info = save_view(file, out, image_options(window, frame, slice_index, plane, volume))
-    if json_out:
-        _console.print_json(dict(info.to_dict(), out=str(path)))
-        return
+    output = _console.Output(json_out)
+    output.result(dict(info.to_dict(), out=str(path)))
+    if output.json_mode:
+        return  # the line below describes the rendering for a person
     d = info.to_dict()
     shown = (f"window {d['window'][0]:g},{d['window'][1]:g} ({info.window_source})" if info.window
              else "as stored" if info.window_source == "none" else info.window_source)
     where = (f", frame {info.frame} of {info.frames}" if info.kind == "dicom" and info.frames else
              f", {info.plane} slice {info.slice_index} of {info.slices}" if info.kind == "nifti" else "")
     _console.info(f"{info.kind} {info.width}x{info.height}{where}, {shown}")
-    typer.echo(str(path))
+    output.text(str(path))

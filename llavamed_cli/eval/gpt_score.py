@@ -15,11 +15,11 @@ from typing import Annotated
 
 import typer
 
+from llavamed_core.eval.judge import JUDGE_REQUEST
+from llavamed_core.llm import LLMConfig
+
 from .. import _console
-from .._llm_options import (ApiVersionOpt, AzureEndpointOpt, BackoffOpt, BaseUrlOpt, CacheDirOpt,
-                            ConcurrencyOpt, MaxRetriesOpt, MaxTokensOpt, NoCacheOpt, PriceInOpt,
-                            PriceOutOpt, ProviderOpt, RpmOpt, TemperatureOpt, TimeoutOpt, TpmOpt,
-                            usage_rows)
+from .._llm_options import MaxFailuresOpt, llm_options, usage_rows
 from .._options import JsonOpt
 from . import app
 
@@ -37,42 +37,22 @@ def _made_by(ans: dict) -> str:
 
 
 @app.command("gpt-score")
+@llm_options(JUDGE_REQUEST, ("--judge",), "Judge model (Azure: deployment name).")
 def gpt_score(
     questions: Annotated[Path, typer.Option("--questions", "-q", help="Chat-benchmark questions (llava_med_eval_qa50_qa.jsonl).")],
     answers: Annotated[Path, typer.Option("--answers", "-a", help="The model's answer file (JSONL), joined by question_id.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Reviews JSONL; appended, and a rerun resumes.")],
-    judge: Annotated[str, typer.Option("--judge", help="Judge model (Azure: deployment name).")] = "gpt-4o",
+    llm: LLMConfig,
     retry_unscored: Annotated[bool, typer.Option("--retry-unscored", help="Ask again for reviews an earlier run recorded as unscored.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the reviews already in --output and start over (needed when the judge, its settings or the answers' model changed).")] = False,
-    temperature: TemperatureOpt = 0.2,
-    max_tokens: MaxTokensOpt = 1024,
-    base_url: BaseUrlOpt = None,
-    azure_endpoint: AzureEndpointOpt = None,
-    api_version: ApiVersionOpt = None,
-    provider: ProviderOpt = "auto",
-    concurrency: ConcurrencyOpt = 8,
-    rpm: RpmOpt = None,
-    tpm: TpmOpt = None,
-    max_retries: MaxRetriesOpt = 5,
-    backoff: BackoffOpt = 1.0,
-    timeout: TimeoutOpt = 120.0,
-    price_in: PriceInOpt = None,
-    price_out: PriceOutOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: NoCacheOpt = False,
+    max_failures: MaxFailuresOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score each answer against the reference with an LLM judge (two 1-10 scores per question)."""
     from llavamed_core.eval.judge import JudgeConfig, review_header_path, score_answers
-    from llavamed_core.llm import LLMConfig
 
-    llm = LLMConfig(model=judge, provider=provider, base_url=base_url, azure_endpoint=azure_endpoint,
-                    api_version=api_version, temperature=temperature, max_tokens=max_tokens,
-                    concurrency=concurrency, rpm=rpm, tpm=tpm, max_retries=max_retries, backoff=backoff,
-                    timeout=timeout, price_in=price_in, price_out=price_out, cache_dir=cache_dir,
-                    use_cache=not no_cache)
     cfg = JudgeConfig(questions=questions, answers=answers, output=output, llm=llm,
-                      retry_unscored=retry_unscored, overwrite=overwrite)
+                      retry_unscored=retry_unscored, overwrite=overwrite, max_failures=max_failures)
     with _console.progress() as cb:
         res = score_answers(cfg, progress=cb)
     if res.missing_answers:
@@ -85,16 +65,15 @@ def gpt_score(
     if res.failed:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(res.failure_reasons.items()))
         _console.warn(f"{res.failed} request(s) failed ({reasons}); rerun the same command to ask again")
-    if json_out:
-        _console.print_json(res.to_dict())
-        return
+    out = _console.Output(json_out)
+    out.result(res.to_dict())
     rows = [["output", str(res.output)], ["endpoint", f"{res.endpoint['url']} ({res.endpoint['provider']})"],
-            ["judge", judge],
+            ["judge", llm.model],
             ["answers by", _made_by(res.provenance.get("answers") or {})],
             ["run (settings in)", f"{res.run_id} ({review_header_path(res.output)})"],
             ["questions / answers / joined", f"{res.questions} / {res.answers} / {res.joined}"],
             ["already reviewed", res.already_done], ["asked now", res.requested], ["scored", res.scored],
             ["unscored", res.unscored], ["re-asked (unreadable first reply)", res.retried_unparseable],
             ["failed", res.failed]]
-    _console.print_table("eval gpt-score", ["", "value"], rows + usage_rows(res.usage, res.elapsed_s))
+    out.table("eval gpt-score", ["", "value"], rows + usage_rows(res.usage, res.elapsed_s))
     _console.info(f"Next: llavamed eval summarize {res.output}")

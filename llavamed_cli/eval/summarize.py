@@ -1,7 +1,9 @@
-"""``llavamed eval summarize``: the chat-benchmark table (per type, per domain, overall) from reviews.
+"""``llavamed eval summarize``: runs side by side — VQA runs and chat-benchmark review files — each
+figure with a 95 % bootstrap interval, and each run against the first as a paired difference.
 
 Example::
 
+    llavamed eval summarize runs/eval-base runs/eval-tuned              # two `eval vqa` folders
     llavamed eval summarize reviews_modelA.jsonl reviews_modelB.jsonl --format markdown
 """
 
@@ -23,44 +25,48 @@ class Format(str, Enum):
     table = "table"
     markdown = "markdown"
     csv = "csv"
+    latex = "latex"
     json = "json"
 
 
 @app.command("summarize")
 def summarize(
-    reviews: Annotated[list[Path], typer.Argument(help="Review files from `eval gpt-score` (one column group each).")],
-    questions: Annotated[Optional[Path], typer.Option("--questions", "-q", help="qa50 questions: take type and domain from here, and count questions without a review.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="table, markdown, csv or json.")] = "table",
+    runs: Annotated[list[Path], typer.Argument(help="`eval vqa` output folders (results.json, answers.jsonl, run.json) and/or `eval gpt-score` review files; the first is the baseline of the differences.")],
+    questions: Annotated[Optional[Path], typer.Option("--questions", "-q", help="qa50 questions for review files: take type and domain from here, and count questions without a review.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="table, markdown, csv, latex or json.")] = "table",
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write a bar chart with the intervals to this PNG file (needs matplotlib, the 'plot' extra).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples per 95 % interval (0: no intervals).")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
 ) -> None:
-    """Mean reference/model scores and relative score (mean of per-question ratios x 100) per bucket."""
+    """Runs side by side with 95 % bootstrap intervals, and paired differences to the first run."""
     fmt = Format(fmt).value
-    from llavamed_core.eval.summary import (provenance_rows, relative_rows, summarize_reviews, summary_rows,
-                                            to_csv, to_json, to_markdown)
+    from llavamed_core.eval import compare
+    from llavamed_core.eval.summary import provenance_rows, summary_rows
 
-    summaries = summarize_reviews(reviews, questions)
-    for s in summaries:
-        if s.unscored:
+    if plot is not None:
+        compare.require_matplotlib()  # fail before reading anything
+    c = compare.compare_runs(compare.load_runs(runs, questions), bootstrap, seed)
+    for run in c.runs:
+        s = run.summary
+        if s is not None and s.unscored:
             _console.warn(f"{s.path}: {s.unscored} unscored review(s) left out of the means")
-        if s.missing:
+        if s is not None and s.missing:
             _console.warn(f"{s.path}: {s.missing} question(s) of {questions} have no review")
+    for note in compare.not_comparable_notes(c):
+        _console.warn(note)
     if fmt == "json":
-        _console.print_json(to_json(summaries))
-    elif fmt == "csv":
-        _console.out.print(to_csv(summaries), end="", markup=False, highlight=False)
-    elif fmt == "markdown":
-        _console.out.print(to_markdown(summaries), end="", markup=False, highlight=False)
+        _console.print_json(compare.to_json(c))
+    elif fmt in ("csv", "markdown", "latex"):
+        text = {"csv": compare.to_csv, "markdown": compare.to_markdown, "latex": compare.to_latex}[fmt](c)
+        _console.out.print(text, end="", markup=False, highlight=False)
     else:
-        cols, rows = provenance_rows(summaries)
-        _console.print_table("what was judged (model answers, judge, runs)", cols, rows)
-    if fmt != "table":
-        return
-    if len(summaries) == 1:
-        cols, rows = summary_rows(summaries)
-        _console.print_table("chat benchmark (relative = mean of model/ref x 100)", cols, rows)
-    else:
-        # One table per file (fits a terminal), then the paper's comparison: relative per file.
-        for s in summaries:
-            cols, rows = summary_rows([s])
-            _console.print_table(s.label, cols, rows)
-        cols, rows = relative_rows(summaries)
-        _console.print_table("relative score (mean of model/ref x 100)", cols, rows)
+        cols, rows = provenance_rows(c.runs)
+        _console.print_table("what was evaluated (model answers, judge, runs)", cols, rows)
+        for run in c.runs:  # the chat benchmark's full table per review file
+            if run.summary is not None:
+                cols, rows = summary_rows([run.summary])
+                _console.print_table(run.label, cols, rows)
+        cols, rows = compare.comparison_rows(c, sep="\n")
+        _console.print_table(compare.comparison_title(c), cols, rows, caption=compare.comparison_caption(c, "\n"))
+    if plot is not None:
+        _console.info(f"plot: {compare.plot(c, plot)}")

@@ -100,9 +100,9 @@ def vqa(
         result = report.to_dict()
         result["provenance"] = answer_file_provenance(answers)
         atomic_write_json(path, result)
-        if json_out:
-            _console.print_json(dict(result, results_file=str(path)))
-        else:
+        output = _console.Output(json_out)
+        output.result(dict(result, results_file=str(path)))
+        if not output.json_mode:
             _print_report(report, f"VQA metrics: {answers.name} vs {gt.name}")
             _console.info(f"results: {path}")
         return
@@ -134,13 +134,14 @@ def vqa(
     with _console.progress() as cb:
         res = evaluate_vqa(cfg, progress=cb)
     run = res.run
-    if json_out:
-        _console.print_json(dict(res.results, results_file=str(res.results_path)))
-        return
-    _console.print_table(f"eval vqa: {dataset}", ["questions", "answered now", "resumed", "processes",
-                                                  "questions/s", "answers"],
-                         [[run.total, run.answered, run.resumed, run.processes,
-                           round(run.questions_per_second, 2), str(run.answers)]])
+    output = _console.Output(json_out)
+    output.result(dict(res.results, results_file=str(res.results_path)))
+    if output.json_mode:
+        return  # the tables and notes below are for a person
+    output.table(f"eval vqa: {dataset}", ["questions", "answered now", "resumed", "processes", "questions/s",
+                                          "answers"],
+                 [[run.total, run.answered, run.resumed, run.processes, round(run.questions_per_second, 2),
+                   str(run.answers)]])
     if res.report is not None:
         _print_report(res.report, f"VQA metrics: {dataset}")
     else:

@@ -28,9 +28,8 @@ def post(
     from llavamed_core.instruct import PostConfig, postprocess_generations
 
     stats = postprocess_generations(PostConfig(input=input_path, output=output_path, seed=seed))
-    if json_out:
-        _console.print_json(stats.to_dict())
-        return
+    out = _console.Output(json_out)
+    out.result(stats.to_dict())
     rows = [["samples in", stats.samples_in], ["kept", stats.kept],
             ["  of which with leak phrases stripped", stats.kept_with_strips],
             ["leak phrases stripped", stats.phrases_stripped], ["rounds kept", stats.rounds_kept]]
@@ -38,4 +37,4 @@ def post(
     rows += [[f"samples dropped: {k}", v] for k, v in sorted(stats.samples_dropped.items())]
     rows += [["<image> before / after the question", f"{stats.image_before} / {stats.image_after}"],
              ["output", str(output_path)]]
-    _console.print_table("instruct post", ["rule", "count"], rows)
+    out.table("instruct post", ["rule", "count"], rows)

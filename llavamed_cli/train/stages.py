@@ -2,8 +2,9 @@
 
 Each command reads its flags (plus ``--config FILE`` and ``--set key=value``) into a
 :class:`~llavamed_core.train.TrainConfig` and calls :func:`llavamed_core.train.train`.
-``--gpus N`` / ``--nproc N`` re-run the same command line under torchrun with N processes
-(CPU processes use gloo); only rank 0 prints.
+``--gpus N`` / ``--nproc N`` (and ``--nnodes`` …, or Slurm's variables under ``srun``) hand the
+resolved config to the launcher (:mod:`llavamed_core.launch`), which runs ``python -m
+llavamed_core.train CONFIG`` under torchrun; rank 0's result is shown here.
 
 Examples::
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -49,34 +49,10 @@ def _typed_params(ctx: typer.Context) -> dict[str, Any]:
     return typed
 
 
-def _command_line(ctx: typer.Context) -> list[str]:
-    """Rebuild the typed options as arguments, for the torchrun children."""
-    args: list[str] = []
-    typed = _typed_params(ctx)
-    for param in ctx.command.params:
-        # The launch options stay with the launcher: torchrun's parser would claim --nnodes and
-        # --master-*, and refuse --nproc as an ambiguous prefix of --nproc-per-node.
-        if param.name not in typed or not param.opts or param.name in _LAUNCH:
-            continue
-        value = typed[param.name]
-        if getattr(param, "is_flag", False):
-            if param.secondary_opts and not value:
-                args.append(param.secondary_opts[0])
-            elif value:
-                args.append(param.opts[0])
-        elif getattr(param, "multiple", False):
-            for v in value:
-                args += [param.opts[0], str(v)]
-        elif value is not None:
-            args += [param.opts[0], str(value)]
-    return args
-
-
 def _build_config(stage: str, typed: dict[str, Any]) -> Any:
     """Defaults → ``--config`` file → typed flags → ``--set``; then the required paths."""
     from llavamed_core.errors import ConfigError
     from llavamed_core.train.config import TrainConfig, load_config_file, merge_settings, parse_set_items
-    from llavamed_core.train.parallel import LAUNCHED_ENV
 
     ta_names = None  # TrainingArguments' names, looked up (importing transformers) only when needed
     settings: dict[str, Any] = {}
@@ -85,7 +61,7 @@ def _build_config(stage: str, typed: dict[str, Any]) -> Any:
     flags = {_FIELD.get(k, k): v for k, v in typed.items() if k not in _CLI_ONLY}
     settings = merge_settings(settings, flags, "options", ta_names)
     settings = merge_settings(settings, parse_set_items(list(typed.get("set_items") or [])), "--set", ta_names)
-    if typed.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu":
+    if typed.get("nproc"):
         settings["device"] = "cpu"
     settings.pop("stage", None)
     from .._config import train_paths
@@ -105,6 +81,9 @@ def _check_paths(cfg: Any) -> None:
     from llavamed_core.model.checkpoint import check_checkpoint_dir
     from llavamed_core.train.preflight import check_before_training
 
+    from llavamed_core.model.hub import resolve_model
+
+    cfg.model = resolve_model(cfg.model)  # a Hub id org/name[@rev]: its snapshot, downloaded once here
     check_checkpoint_dir(cfg.model)
     if not Path(cfg.data).exists():
         raise DataError(f"--data {cfg.data}: file not found", "check the path")
@@ -129,10 +108,10 @@ def _run(ctx: typer.Context, stage: str) -> None:
 
 
 def _launch_or_train(ctx: typer.Context, stage: str) -> Any:
-    """Train in this process (returns the result on rank 0, else ``None``) or launch torchrun."""
-    from llavamed_core.errors import ConfigError, LlavamedError
+    """Train in this process, or in the processes of a torchrun launch; returns the result to show
+    (``None`` on a node other than rank 0's)."""
+    from llavamed_core.errors import ConfigError
     from llavamed_core.train.config import plan_batch
-    from llavamed_core.train.parallel import LAUNCHED_ENV, LaunchSpec, launch
 
     typed = _typed_params(ctx)
     params = ctx.params
@@ -148,51 +127,59 @@ def _launch_or_train(ctx: typer.Context, stage: str) -> Any:
     cfg = _build_config(stage, typed)  # check the options before launching anything
     cfg.check()
     _check_paths(cfg)  # before torch is imported: a wrong path fails at once
-    if params.get("nproc") or os.environ.get(LAUNCHED_ENV) == "cpu" or not _has_cuda():
+    from llavamed_core.launch import launch_training, resolve_spec
+
+    # Flags first, then Slurm's variables (under srun), else one node.
+    spec = resolve_spec(nproc, params.get("nnodes"), params.get("node_rank"), params.get("master_addr"),
+                        params.get("master_port"))
+    if params.get("nproc") or not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it found no GPU
-    if params.get("gpus") and not os.environ.get(LAUNCHED_ENV):
+    if params.get("gpus"):
         from llavamed_core.train.parallel import check_gpu_count
 
         check_gpu_count(params["gpus"])  # before torchrun: else "invalid device ordinal" in a child
-    if (nproc > 1 or params.get("nnodes", 1) > 1) and not os.environ.get(LAUNCHED_ENV):
-        plan_batch(cfg.resolved_global_batch(), nproc * params["nnodes"], cfg.per_device_batch,
+    if spec.world_size > 1:
+        plan_batch(cfg.resolved_global_batch(), spec.world_size, cfg.per_device_batch,
                    cfg.preset.per_device_batch)  # fails here, once, rather than in every process
-        spec = LaunchSpec(nproc, params["nnodes"], params["node_rank"], params["master_addr"], params["master_port"])
-        _console.info(f"launching {nproc} process(es) per node × {params['nnodes']} node(s) under torchrun")
-        # The paths found in the settings go on as flags: every process uses the same (one timestamp).
-        found = [a for k in ("model", "data", "images", "out") if k not in typed for a in (f"--{k}", str(getattr(cfg, k)))]
-        code = launch(spec, ["train", stage, *_command_line(ctx), *found], device="cuda" if params.get("gpus") else "cpu")
-        raise typer.Exit(code)
+        where = (f" × {spec.nnodes} nodes (this is node {spec.node_rank}; rank 0 at "
+                 f"{spec.master_addr}:{spec.master_port}{', from Slurm' if spec.source == 'slurm' else ''})"
+                 if spec.nnodes > 1 else "")
+        _console.info(f"launching {spec.nproc_per_node} process(es){where} under torchrun")
+        code, result = launch_training(cfg, spec, device="cuda" if params.get("gpus") else "cpu")
+        if code != 0:
+            raise typer.Exit(code)  # rank 0 (or the launcher) has said why
+        if result is None:
+            _console.info(f"node {spec.node_rank} of {spec.nnodes}: done; rank 0 on node 0 wrote {cfg.out}")
+        return result
 
     from transformers.utils import logging as hf_logging
 
     from llavamed_core.train import train
 
     hf_logging.disable_progress_bar()  # our progress is the one that counts
-    try:
-        with _console.progress() as progress:
-            result = train(cfg, progress=progress)
-    except LlavamedError as exc:
-        if not _console.is_rank_zero():
-            # Rank 0 reports (every rank meets the same data errors); give it time to, then exit.
-            time.sleep(3)
-            raise typer.Exit(exc.exit_code) from None
-        raise
-    return result if _console.is_rank_zero() else None
+    with _console.progress() as progress:
+        return train(cfg, progress=progress)
 
 
 def _render(result: Any, stage: str, json_out: bool) -> None:
     """The summary table (or ``--json``) on stdout."""
-    if json_out:
-        _console.print_json(result.to_dict())
+    for line in result.warnings:
+        _console.warn(line)
+    out = _console.Output(json_out)
+    out.result(result.to_dict())
+    if out.json_mode:
         return
+    by_part = result.trainable_by_part or {}
     rows = [["stage", result.stage], ["checkpoint", str(result.out)], ["steps", result.steps],
             ["epochs", round(result.epochs, 3)], ["final loss", result.final_loss],
+            ["loss", result.loss_sparkline or "–"],
             ["samples", result.samples], ["truncated", result.truncated], ["dropped", result.dropped],
             ["processes", result.world_size],
             ["global batch", f"{result.global_batch} = {result.per_device_batch} × {result.grad_accum} accum × {result.world_size}"],
             ["learning rate", result.learning_rate],
             ["trained parameters", f"{result.trainable_params:,} of {result.total_params:,}"],
+            ["trained by part", ", ".join(f"{label} {by_part.get(key, 0):,}" for key, label in (
+                ("vision_tower", "vision"), ("projector", "projector"), ("language_model", "LM"))) if by_part else "–"],
             ["tokens/s", result.tokens_per_s], ["padding", f"{(result.padding_share or 0) * 100:.1f}%"],
             ["runtime (s)", result.train_runtime_s], ["config", str(result.config_path)]]
     if result.resumed_from:
@@ -201,6 +188,12 @@ def _render(result: Any, stage: str, json_out: bool) -> None:
         rows.insert(2, ["projector", str(result.projector_path)])
     if result.merged is not None:
         rows.insert(2, ["LoRA", "merged into the checkpoint" if result.merged else "adapter only (--no-merge)"])
+    if result.eval_samples:
+        at = next(i for i, row in enumerate(rows) if row[0] == "loss") + 1
+        rows.insert(at, ["eval loss", f"{result.eval_loss:.4f} ({result.eval_samples} records)"])
+    for label, path in (("history", result.history_path), ("loss plot", result.plot_path)):
+        if path:
+            rows.append([label, str(path)])
     if result.mechanism:
         from llavamed_core.train.parallel import describe_mechanism
 
@@ -211,7 +204,7 @@ def _render(result: Any, stage: str, json_out: bool) -> None:
 def _make_command(stage: str) -> Any:
     def command(
         ctx: typer.Context,
-        model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Input checkpoint directory (default: [train.<stage>] in llavamed.toml; see `llavamed config show`).", rich_help_panel="Data")] = None,
+        model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Input checkpoint directory or Hub id org/name[@revision] (default: [train.<stage>] in llavamed.toml; see `llavamed config show`).", rich_help_panel="Data")] = None,
         data: Annotated[Optional[Path], typer.Option("--data", help="Conversation file, JSON array or JSONL (default: [train.<stage>] in llavamed.toml; see `llavamed config show`).", rich_help_panel="Data")] = None,
         images: Annotated[Optional[Path], typer.Option("--images", help="Folder the records' image paths are relative to (default: [train.<stage>] in llavamed.toml; see `llavamed config show`).", rich_help_panel="Data")] = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output checkpoint directory (default: train.<stage>.out in llavamed.toml, else RUNS/train/<stage>-<timestamp>/).", rich_help_panel="Data")] = None,
@@ -227,10 +220,18 @@ def _make_command(stage: str) -> Any:
         merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="After LoRA, write a merged standalone checkpoint (default) or the adapter alone.", rich_help_panel="LoRA")] = None,
         lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank (default 128).", rich_help_panel="LoRA")] = None,
         lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default 256).", rich_help_panel="LoRA")] = None,
+        lora_target: Annotated[Optional[str], typer.Option(help="LM modules that get adapters: q_proj,v_proj,… or all-linear (default: attention and MLP projections).", rich_help_panel="LoRA")] = None,
+        dora: Annotated[Optional[bool], typer.Option("--dora", help="Weight-decomposed LoRA (PEFT use_dora): a trained magnitude vector per layer.", rich_help_panel="LoRA")] = None,
+        rslora: Annotated[Optional[bool], typer.Option("--rslora", help="Rank-stabilised LoRA scaling, alpha/sqrt(r) (PEFT use_rslora).", rich_help_panel="LoRA")] = None,
+        train_vision: Annotated[Optional[bool], typer.Option("--train-vision/--freeze-vision", help="Train or freeze the vision tower (default: the stage's; frozen).", rich_help_panel="What trains")] = None,
+        train_projector: Annotated[Optional[bool], typer.Option("--train-projector/--freeze-projector", help="Train or freeze the projector (default: the stage's; trains).", rich_help_panel="What trains")] = None,
+        train_llm: Annotated[Optional[bool], typer.Option("--train-llm/--freeze-llm", help="Train or freeze the language model (default: the stage's; trains in instruct and finetune).", rich_help_panel="What trains")] = None,
         deepspeed: Annotated[Optional[str], typer.Option(help="DeepSpeed: zero2, zero3 or a JSON config path (also in one process).", autocompletion=_complete.DEEPSPEED, rich_help_panel="Parallelism")] = None,
         fsdp: Annotated[Optional[bool], typer.Option("--fsdp", help="Shard with PyTorch FSDP2 (vision encoder and decoder layers; also in one process).", rich_help_panel="Parallelism")] = None,
         gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing", help="Recompute activations to save memory.", rich_help_panel="Schedule")] = None,
-        report_to: Annotated[Optional[str], typer.Option(help="Log to: none, tensorboard, wandb, … (comma-separated).", rich_help_panel="Logging")] = None,
+        report_to: Annotated[Optional[str], typer.Option(help="Log to: none, tensorboard, wandb, … (comma-separated; pip install 'llavamed[tensorboard]' or 'llavamed[wandb]').", rich_help_panel="Logging")] = None,
+        eval_data: Annotated[Optional[Path], typer.Option(help="Conversation file whose eval loss is measured at every save and at the end (images from --images).", rich_help_panel="Logging")] = None,
+        eval_split: Annotated[Optional[float], typer.Option(help="Hold out this share of --data (seeded) for the eval loss instead, e.g. 0.05.", rich_help_panel="Logging")] = None,
         resume: Annotated[Optional[str], typer.Option(help="auto (newest checkpoint in the run dir, if any) or a checkpoint directory.", rich_help_panel="Checkpoints")] = None,
         run_dir: Annotated[Optional[Path], typer.Option(help="Folder of intermediate checkpoints (default: <out>.run).", rich_help_panel="Checkpoints")] = None,
         keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints", help="Keep the run folder's resumable checkpoints after a successful run (default: removed once the output is written).", rich_help_panel="Checkpoints")] = None,
@@ -243,10 +244,10 @@ def _make_command(stage: str) -> Any:
         config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options and TrainingArguments fields (e.g. a run's train_config.json).")] = None,
         gpus: Annotated[Optional[int], typer.Option(help="Run N processes, one per GPU, under torchrun.", rich_help_panel="Parallelism")] = None,
         nproc: Annotated[Optional[int], typer.Option(help="Run N CPU processes under torchrun (gloo).", rich_help_panel="Parallelism")] = None,
-        nnodes: Annotated[int, typer.Option(help="Machines in the run (torchrun).", rich_help_panel="Parallelism")] = 1,
-        node_rank: Annotated[int, typer.Option(help="This machine's rank (torchrun).", rich_help_panel="Parallelism")] = 0,
-        master_addr: Annotated[str, typer.Option(help="Address of the rank-0 machine (torchrun).", rich_help_panel="Parallelism")] = "127.0.0.1",
-        master_port: Annotated[int, typer.Option(help="Port on the rank-0 machine (torchrun).", rich_help_panel="Parallelism")] = 29500,
+        nnodes: Annotated[Optional[int], typer.Option(help="Machines in the run; start the same command on each (default 1, or Slurm's node count under srun).", rich_help_panel="Parallelism")] = None,
+        node_rank: Annotated[Optional[int], typer.Option(help="This machine's rank, 0 on the --master-addr machine (default 0, or SLURM_NODEID).", rich_help_panel="Parallelism")] = None,
+        master_addr: Annotated[Optional[str], typer.Option(help="Address of the node-rank-0 machine (default 127.0.0.1, or the first host of SLURM_JOB_NODELIST).", rich_help_panel="Parallelism")] = None,
+        master_port: Annotated[Optional[int], typer.Option(help="Port on the node-rank-0 machine (default: a free port on one node, 29500 on several, derived from SLURM_JOB_ID under Slurm).", rich_help_panel="Parallelism")] = None,
         overwrite: OverwriteOpt = False,
         json_out: JsonOpt = False,
     ) -> None:

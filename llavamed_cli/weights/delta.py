@@ -14,18 +14,15 @@ import typer
 from .. import _console
 from .._options import JsonOpt, OverwriteOpt
 from . import app
+from ._write import ShardOpt, write_checkpoint
 
 DtypeCastOpt = Annotated[Optional[str], typer.Option(
     "--dtype", help="Cast both inputs to float16, bfloat16 or float32 first (the original tool used float16). "
                     "Default: keep the stored dtypes, which must match.")]
-ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 500MB, 2GB.")]
 
 
-def _render(result, json_out: bool) -> None:
-    from dataclasses import asdict
-
-    if json_out:
-        _console.print_json(asdict(result))
+def _render(result) -> None:
+    if result is None:  # printed as JSON
         return
     if result.notes:
         for note in result.notes:
@@ -62,16 +59,11 @@ def apply_delta_command(
 ) -> None:
     """Add a delta to its base model, tensor by tensor, in constant memory."""
     from llavamed_core.model.delta import ApplyDeltaConfig, apply_delta
-    from llavamed_core.model.shards import parse_size
 
-    from llavamed_core.io import check_out_not_overlapping
-
-    check_out_not_overlapping(out, [("--base", base), ("--delta", delta), ("--vision", vision)])
-    cfg = ApplyDeltaConfig(base=base, delta=delta, out=out, dtype=dtype, to_hf=to_hf, vision=vision,
-                           max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
-    with _console.progress() as cb:
-        result = apply_delta(cfg, progress=cb)
-    _render(result, json_out)
+    _render(write_checkpoint(apply_delta, ApplyDeltaConfig, out=out,
+                             inputs=[("--base", base), ("--delta", delta), ("--vision", vision)],
+                             max_shard_size=max_shard_size, overwrite=overwrite, json_out=json_out,
+                             base=base, delta=delta, dtype=dtype, to_hf=to_hf, vision=vision))
 
 
 @app.command("make-delta")
@@ -86,13 +78,7 @@ def make_delta_command(
 ) -> None:
     """Write target minus base: the exact inverse of apply-delta."""
     from llavamed_core.model.delta import MakeDeltaConfig, make_delta
-    from llavamed_core.model.shards import parse_size
 
-    from llavamed_core.io import check_out_not_overlapping
-
-    check_out_not_overlapping(out, [("--base", base), ("--target", target)])
-    cfg = MakeDeltaConfig(base=base, target=target, out=out, dtype=dtype,
-                          max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite)
-    with _console.progress() as cb:
-        result = make_delta(cfg, progress=cb)
-    _render(result, json_out)
+    _render(write_checkpoint(make_delta, MakeDeltaConfig, out=out, inputs=[("--base", base), ("--target", target)],
+                             max_shard_size=max_shard_size, overwrite=overwrite, json_out=json_out,
+                             base=base, target=target, dtype=dtype))

@@ -59,8 +59,7 @@ def init(
     result = {"out": str(out), "source": source, "parameters": n,
               "image_tokens": model.config.image_seq_length,
               "projector": model.config.projector_hidden_act}
-    if json_out:
-        _console.print_json(result)
-    else:
-        _console.print_table("weights init", ["checkpoint", "from", "parameters", "image tokens", "projector"],
-                             [[str(out), source, n, result["image_tokens"], result["projector"]]])
+    output = _console.Output(json_out)
+    output.result(result)
+    output.table("weights init", ["checkpoint", "from", "parameters", "image tokens", "projector"],
+                 [[str(out), source, n, result["image_tokens"], result["projector"]]])

@@ -22,7 +22,7 @@ from ..errors import ConfigError, LlavamedError, NetworkError
 from ..http import HttpClient, HttpConfig, sha256_file
 from ..progress import ProgressCallback
 from ._folder import locked_folder, remove_stale_temporaries
-from ._pool import map_unordered
+from ..pool import map_unordered
 from .manifest import DEFAULT_BASE_URL, LocalManifest, ReleasedFile, select_files
 
 __all__ = ["DownloadConfig", "FileOutcome", "DownloadReport", "download_released", "file_url"]
@@ -157,7 +157,7 @@ def download_released(config: DownloadConfig, progress: ProgressCallback | None 
             def one(f: ReleasedFile) -> FileOutcome:
                 return _fetch_one(client, config, manifest, f, progress)
 
-            outcomes = {o.path: o for o in map_unordered(one, files, config.workers, client.stop)}
+            outcomes = {o.path: o for _, o in map_unordered(one, files, config.workers, stop=client.stop)}
     return DownloadReport(dest, [outcomes[f.path] for f in files], time.monotonic() - started)
 
 

@@ -46,7 +46,7 @@ from ..http import HttpClient, HttpConfig, HttpStatusError
 from ..io import JsonlAppender, atomic_write, atomic_write_bytes, read_jsonl
 from ..progress import ProgressCallback, emit
 from ._folder import locked_folder, remove_stale_temporaries
-from ._pool import map_unordered
+from ..pool import map_unordered
 from .figure_image import ImageRejected, is_valid_jpeg, to_jpeg
 from .figure_list import (FigureRecord, Plan, TarballJob, member_key, parse_mirror,
                           plan_tarballs, referenced_pair_ids)
@@ -270,7 +270,7 @@ def extract_figures(config: ExtractConfig, progress: ProgressCallback | None = N
                 def one(job: TarballJob) -> _JobOutcome:
                     return _extract_job(client, job, out, tarball_dir, config)
 
-                for oc in map_unordered(one, jobs, config.workers, client.stop):
+                for _, oc in map_unordered(one, jobs, config.workers, stop=client.stop):
                     result.present += oc.present
                     result.extracted += oc.extracted
                     result.converted += oc.converted

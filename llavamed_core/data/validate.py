@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..images import image_problem
 from ..io import iter_records
 from ..progress import ProgressCallback, emit
 from ..records import IMAGE_TOKEN, image_path_problem, no_records_error, parse_conversation
 
-__all__ = ["Problem", "ValidationReport", "validate_conversations", "check_image"]
+__all__ = ["Problem", "ValidationReport", "validate_conversations"]
 
 
 @dataclass
@@ -82,24 +83,6 @@ def _kind_of(message: str) -> str:
     return "schema"
 
 
-def check_image(path: Path) -> str | None:
-    """``None`` when the image exists and decodes, else the problem kind and message.
-
-    DICOM and NIfTI files are rendered as training renders them (their own window, middle frame
-    or slice): a truncated file, one without pixel data or a 4-D volume is a problem.
-    """
-    from ..errors import LlavamedError
-    from ..images import load_image
-
-    if not path.is_file():
-        return "image-missing:file not found"
-    try:
-        load_image(path)
-    except LlavamedError as exc:
-        return f"image-corrupt:does not decode ({exc.message.removeprefix(f'{path}: ')[:160]})"
-    return None
-
-
 def validate_conversations(path: str | os.PathLike, images: str | os.PathLike | None,
                            processor: Any = None, max_length: int | None = None,
                            require_image: bool = True, workers: int = 4,
@@ -158,9 +141,9 @@ def validate_conversations(path: str | os.PathLike, images: str | os.PathLike | 
 
     if image_jobs:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for (idx, rid, p), res in zip(image_jobs, pool.map(lambda j: check_image(j[2]), image_jobs)):
+            for (idx, rid, p), res in zip(image_jobs, pool.map(lambda j: image_problem(j[2]), image_jobs)):
                 if res is not None:
-                    kind, msg = res.split(":", 1)
+                    kind, msg = res
                     report.problems.append(Problem(kind, rid, f"{path}, record {rid}, field 'image': {p}: {msg}"))
                     bad.add(idx)
 

@@ -21,15 +21,16 @@
   ``OUT/results.json`` records the scores with everything that decided the answers (model,
   prompt suffix for closed questions, generation parameters) and the run header (``provenance``).
 
-A worker process runs ``python -m llavamed_core.eval.answers WORKER.json``.
+The workers run under torchrun through the one launcher (:mod:`llavamed_core.launch`): ``python -m
+llavamed_core.eval.answers SPEC.json`` in each process, rank k of n answering slice k.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -39,8 +40,8 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, LlavamedError, data_error
 from ..images import ImageOptions
-from ..images import load_image as load_any_image
-from ..io import JsonlAppender, atomic_write, atomic_write_json, iter_records, read_jsonl
+from ..images import load_record_image
+from ..io import JsonlAppender, ResumableJsonl, atomic_write_json, iter_records, read_jsonl
 from ..progress import ProgressCallback, emit
 from ..records import Conversation, load_conversations, load_qa50
 
@@ -239,18 +240,11 @@ def load_image(images: Path, q: Question, questions_path: Path | str,
     """Open and decode a question's image (RGB); DICOM and NIfTI rendered with ``options``.
 
     Raises:
-        DataError: missing file, or one that does not decode as an image.
+        DataError: missing file, or one that does not decode (naming the question file, the
+            question and its ``image`` field).
     """
-    p = images / q.image
-    if not p.is_file():
-        raise data_error(questions_path, q.id, "image", f"image file {p} not found",
-                         "check --images (the folder the records' image paths are relative to)")
-    try:
-        return load_any_image(p, options)
-    except DataError as exc:
-        raise data_error(questions_path, q.id, "image", exc.message,
-                         f"{exc.hint or 'replace or remove the file'}; answers so far are kept and "
-                         f"a rerun resumes") from None
+    return load_record_image(images / q.image, questions_path, q.id, options,
+                             then="answers so far are kept and a rerun resumes")
 
 
 def question_prompt(q: Question, closed_suffix: str = "") -> str:
@@ -282,14 +276,13 @@ def _default_images(dataset: Path) -> Path:
 
 def _read_done(path: Path) -> dict[str, dict]:
     """Answers already in an answer file, by ``str(question_id)`` (a half-written tail ignored)."""
-    done: dict[str, dict] = {}
-    if path.exists():
-        for obj in read_jsonl(path):
-            if "question_id" not in obj:
-                raise data_error(path, "?", "question_id", "missing",
-                                 "this is not an answer file; choose another --out")
-            done[str(obj["question_id"])] = obj
-    return done
+    return _answer_file(path).done
+
+
+def _answer_file(path: Path) -> ResumableJsonl:
+    """An answer file as a resumable output keyed by ``question_id``."""
+    return ResumableJsonl(path, "question_id", "the answer file",
+                          "this is not an answer file; choose another --out")
 
 
 def _merge_parts(out: Path) -> None:
@@ -298,14 +291,10 @@ def _merge_parts(out: Path) -> None:
     parts = sorted(out.glob("answers.part*.jsonl"))
     if not parts:
         return
-    done = _read_done(main)
-    with JsonlAppender(main) as app:
+    with _answer_file(main) as app:
         for part in parts:
-            for obj in read_jsonl(part):
-                key = str(obj.get("question_id"))
-                if key not in done:
-                    app.write(obj)
-                    done[key] = obj
+            for obj in _read_done(part).values():
+                app.write(obj)  # an id already in the main file is skipped
     for part in parts:
         part.unlink()
 
@@ -543,35 +532,44 @@ def _worker_device(cfg: VQAEvalConfig) -> str:
 
 def _answer_with_workers(cfg: VQAEvalConfig, n: int, progress: ProgressCallback | None,
                          total: int, already: int) -> None:
-    """Run ``n`` worker processes on slices of the missing ids; merge their part files."""
+    """Run ``n`` worker processes under torchrun (the one launcher, :mod:`llavamed_core.launch`):
+    rank k answers the k-th of n slices of the missing ids into ``answers.part<k>.jsonl``, its
+    output in ``.worker<k>.log``; then merge the part files."""
+    from ..launch import LaunchSpec, free_port, launch
+
     out = cfg.out
-    procs = []
-    try:
-        for k in range(n):
-            spec = out / f".worker{k}.json"
-            d = asdict(cfg)
-            d.update(shard=[k, n], nproc=1, gpus=0, device=_worker_device(cfg))
-            atomic_write_json(spec, {key: (str(v) if isinstance(v, Path) else v) for key, v in d.items()})
-            log = open(out / f".worker{k}.log", "w", encoding="utf-8")
-            procs.append((subprocess.Popen([sys.executable, "-m", "llavamed_core.eval.answers", str(spec)],
-                                           stdout=subprocess.DEVNULL, stderr=log, env=_worker_env(k, n, cfg.gpus)),
-                          log, spec))
-        while any(p.poll() is None for p, _, _ in procs):
-            parts = sum(sum(1 for _ in open(f, encoding="utf-8")) for f in out.glob("answers.part*.jsonl"))
-            emit(progress, "answers", already + parts, total, "question")
-            time.sleep(0.5)
-    finally:
-        for p, log, _ in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait()
-            log.close()
-    for k, (p, _log, spec) in enumerate(procs):
-        if p.returncode != 0:
-            raise _worker_error(out / f".worker{k}.log", k, p.returncode)
-        spec.unlink(missing_ok=True)
-        (out / f".worker{k}.log").unlink(missing_ok=True)
+    spec = out / ".worker.json"
+    d = asdict(cfg)
+    d.update(shard=None, nproc=1, gpus=0, device=_worker_device(cfg))  # each rank takes RANK of WORLD_SIZE
+    atomic_write_json(spec, {key: (str(v) if isinstance(v, Path) else v) for key, v in d.items()})
+    launcher_log = out / ".worker-launch.log"
+    with open(launcher_log, "w", encoding="utf-8") as log:
+        proc = launch(LaunchSpec(n, master_port=free_port()), "llavamed_core.eval.answers", [str(spec)],
+                      device="cuda" if cfg.gpus else "cpu", rank_logs=str(out / ".worker{rank}.log"),
+                      first_logged_rank=0, stderr=log, wait=False)
+        try:
+            while proc.poll() is None:
+                parts = sum(sum(1 for _ in open(f, encoding="utf-8")) for f in out.glob("answers.part*.jsonl"))
+                emit(progress, "answers", already + parts, total, "question")
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()  # torchrun passes it on to the workers
+                proc.wait()
+    if proc.returncode != 0:
+        # The rank that failed first (the launcher names it), else the first that reported an error.
+        found = re.search(r"process of rank (\d+) failed", launcher_log.read_text(encoding="utf-8", errors="replace"))
+        ranks = [int(found.group(1))] if found else []
+        reported = [k for k in range(n) if "LLAVAMED_ERROR " in _read_text(out / f".worker{k}.log")]
+        k = next(iter(reported or ranks), 0)
+        raise _worker_error(out / f".worker{k}.log", k, proc.returncode)
+    for p in [spec, launcher_log, *(out / f".worker{k}.log" for k in range(n))]:
+        p.unlink(missing_ok=True)
     _merge_parts(out)
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
 
 
 def _worker_error(log: Path, k: int, code: int) -> LlavamedError:
@@ -711,23 +709,19 @@ def answer_questions(cfg: VQAEvalConfig, progress: ProgressCallback | None = Non
     emit(progress, "answers", len(questions), len(questions), "question", finished=True)
     final = _read_done(main)
     if all(str(q.id) in final for q in questions):
-        _rewrite_in_order(main, questions, final)
+        _rewrite_in_order(main, questions)
     model_id = model_id or next(iter(final.values()), {}).get("model_id", "")
     return AnswerRun(answers=main, kind=kind, total=len(questions), answered=len(todo), resumed=already,
                      seconds=seconds, model_id=model_id, processes=nproc, questions=questions,
                      run_id=header["run_id"])
 
 
-def _rewrite_in_order(path: Path, questions: list[Question], answers: dict[str, dict]) -> None:
+def _rewrite_in_order(path: Path, questions: list[Question]) -> None:
     """Rewrite a complete answer file in question order (atomically), keeping any extra lines after."""
     ids = [str(q.id) for q in questions]
-    current = [str(o["question_id"]) for o in read_jsonl(path)]
-    if current[:len(ids)] == ids:
-        return
-    rest = [k for k in current if k not in set(ids)]
-    with atomic_write(path) as fh:
-        for k in ids + rest:
-            fh.write(json.dumps(answers[k], ensure_ascii=False) + "\n")
+    answers = _answer_file(path)
+    if list(answers.done)[:len(ids)] != ids or answers.duplicates:
+        answers.rewrite(ids)
 
 
 def score_answer_file(answers: str | os.PathLike, gt: str | os.PathLike) -> Any:
@@ -853,11 +847,22 @@ def answer_file_provenance(answers: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _worker_main(spec_path: str) -> int:
-    """Entry point of a worker process: answer one slice, report a typed error as one line."""
+    """Entry point of a worker process (one rank under torchrun): answer one slice, report a typed
+    error as one line. The slice is the spec's ``shard``, else ``RANK`` of ``WORLD_SIZE``; with
+    ``--gpus`` the process sees only its own GPU (``LOCAL_RANK``-th of those visible)."""
+    from ..launch import LAUNCHED_ENV, redirect_rank_output
+
+    redirect_rank_output()
+    if os.environ.get(LAUNCHED_ENV) == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        os.environ["CUDA_VISIBLE_DEVICES"] = _worker_env(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1),
+                                                         1)["CUDA_VISIBLE_DEVICES"]
     spec = json.loads(Path(spec_path).read_text())
     for key in ("dataset", "out", "images", "model", "base"):
         if spec.get(key) is not None:
             spec[key] = Path(spec[key])
+    if spec.get("shard") is None:
+        spec["shard"] = (int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1))
     spec["shard"] = tuple(spec["shard"])
     if spec.get("image_options") is not None:
         spec["image_options"] = ImageOptions(**spec["image_options"])

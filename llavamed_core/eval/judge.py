@@ -7,7 +7,9 @@ and the sentences that mention the figure as context, the question, answer 1 (th
 (FORMATS.md, "LLM-judged chat score"). :func:`parse_scores` reads them robustly; a review it cannot
 read is asked once more (bypassing the cache), then recorded as unscored.
 
-Reviews are JSONL, appended as they arrive and resumed by ``question_id``. Each carries what
+Reviews are JSONL, appended as they arrive and resumed by ``question_id``
+(:func:`~llavamed_core.llm_jobs.run_llm_job`; requests that fail for good are listed in
+``NAME.failures.jsonl`` and asked again by the next run). Each carries what
 ``eval summarize`` needs: ``question_id``, ``type``, ``domain`` (the five flags) and
 ``domain_bucket`` (the first true of chest_xray, mri, histology, gross, ct_scan), ``ref_score``,
 ``model_score`` (``null`` when unscored), ``scored`` and the judge's text in ``review``.
@@ -25,23 +27,26 @@ review file never mixes judges or models. A resumed review must also still match
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, data_error
 from ..instruct.prompt import mention_texts
-from ..io import JsonlAppender, atomic_write, atomic_write_json, read_jsonl
-from ..llm import LLMClient, LLMConfig, LLMRequestFailed, run_concurrent
-from ..progress import ProgressCallback, emit
+from ..io import ResumableJsonl, atomic_write_json
+from ..llm import LLMClient, LLMConfig
+from ..llm_jobs import check_max_failures, job_client, run_llm_job
+from ..progress import ProgressCallback
 from ..records import IMAGE_TOKEN, Answer, QA50Question, first_domain, load_answers, load_qa50
 
 __all__ = ["JudgeConfig", "JudgeResult", "judge_messages", "parse_scores", "score_answers",
-           "JUDGE_SYSTEM", "review_header_path"]
+           "JUDGE_SYSTEM", "JUDGE_REQUEST", "review_header_path"]
+
+JUDGE_REQUEST = {"model": "gpt-4o", "temperature": 0.2, "max_tokens": 1024}
+"""The judge's request settings unless told otherwise (``LLMConfig`` fields): a cool temperature,
+so that a rerun scores alike; room for the explanation after the scores."""
 
 JUDGE_SYSTEM = ("You are a careful and impartial reviewer of answers to questions about biomedical "
                 "images. You judge accuracy against the figure's description and clinical knowledge.")
@@ -73,6 +78,9 @@ class JudgeConfig:
     """Ask again for questions recorded as unscored by an earlier run."""
     overwrite: bool = False
     """Delete the reviews already in ``output`` (and its run header) and start over."""
+    max_failures: int | None = None
+    """Stop, and fail, once more than this many requests have failed for good (``None``: no
+    limit; a run where every request failed fails in any case)."""
 
 
 @dataclass
@@ -159,10 +167,6 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     return None
 
 
-def _fail_path(output: Path) -> Path:
-    return output.with_name(f"{output.stem}.failures.jsonl")
-
-
 def review_header_path(output: str | os.PathLike) -> Path:
     """The run header beside a review file: ``reviews.jsonl`` → ``reviews.run.json``."""
     output = Path(output)
@@ -235,29 +239,6 @@ def _check_review_resume(output: Path, header: dict[str, Any], existing: list[di
                              "the answer file: the answers changed since these reviews", hint)
 
 
-def _existing_reviews(output: Path, retry_unscored: bool) -> set[str]:
-    """Ids already reviewed; with ``retry_unscored`` the unscored ones are removed from the file."""
-    if not output.exists():
-        return set()
-    keep: list[dict] = []
-    done: set[str] = set()
-    dropped = 0
-    for i, rec in enumerate(read_jsonl(output), 1):
-        if "question_id" not in rec:
-            raise data_error(output, f"line {i}", "question_id", "missing in the existing reviews",
-                             "is --output another kind of file? choose a new path")
-        if retry_unscored and not rec.get("scored"):
-            dropped += 1
-            continue
-        keep.append(rec)
-        done.add(str(rec["question_id"]))
-    if dropped:
-        with atomic_write(output) as fh:
-            for rec in keep:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return done
-
-
 def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
                   client: LLMClient | None = None) -> JudgeResult:
     """Have the judge score every joined (question, answer) pair not reviewed yet.
@@ -272,9 +253,12 @@ def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
 
     Raises:
         DataError: unreadable inputs, or no question with an answer.
-        LLMError: credentials refused, unknown judge model, or too many failures in a row.
+        LLMError: credentials refused, unknown judge model, too many failures in a row, more than
+            ``max_failures`` failed, or every request failed. The reviews so far are kept; a rerun
+            resumes.
     """
     cfg.llm.check()
+    check_max_failures(cfg.max_failures)
     from ..io import check_out_not_overlapping
 
     if Path(cfg.output).is_dir():
@@ -300,75 +284,53 @@ def score_answers(cfg: JudgeConfig, progress: ProgressCallback | None = None,
     if cfg.overwrite:
         for p in (output, hpath):
             p.unlink(missing_ok=True)
-    existing = list(read_jsonl(output)) if output.exists() else []
-    _check_review_resume(output, header, existing, answers)
-    done = _existing_reviews(output, cfg.retry_unscored)
-    todo = [q for q in joined if str(q.question_id) not in done]
-    own_client = client is None
-    client = client or LLMClient(cfg.llm)
-    res = JudgeResult(output, len(questions), len(answers), len(joined), len(joined) - len(todo),
-                      len(todo), missing_answers=missing, unknown_answers=unknown,
-                      endpoint={**client.endpoint.describe(), "model": cfg.llm.model},
-                      run_id=header["run_id"], provenance=header)
-    start = time.monotonic()
+    reviews = ResumableJsonl(output, "question_id", "the existing reviews",
+                             "is --output another kind of file? choose a new path")
+    existing = len(reviews)
+    _check_review_resume(output, header, list(reviews.done.values()), answers)
+    if cfg.retry_unscored:
+        reviews.drop(lambda rec: not rec.get("scored"))
+    todo = reviews.pending(joined, lambda q: q.question_id)
+    with job_client(cfg.llm, client) as client:
+        res = JudgeResult(output, len(questions), len(answers), len(joined), len(joined) - len(todo),
+                          len(todo), missing_answers=missing, unknown_answers=unknown,
+                          endpoint={**client.endpoint.describe(), "model": cfg.llm.model},
+                          run_id=header["run_id"], provenance=header)
 
-    def judge(q: QA50Question) -> tuple[tuple[float, float] | None, str, int]:
-        msgs = judge_messages(q, answers[str(q.question_id)].text)
-        first = client.complete(msgs)
-        scores = parse_scores(first.text)
-        if scores is not None:
-            return scores, first.text, 1
-        # Unreadable: ask once more, past the cache (which holds the unreadable answer).
-        second = client.complete(msgs, refresh=True)
-        return parse_scores(second.text), second.text, 2
+        def judge(q: QA50Question) -> tuple[tuple[float, float] | None, str, int]:
+            msgs = judge_messages(q, answers[str(q.question_id)].text)
+            first = client.complete(msgs)
+            scores = parse_scores(first.text)
+            if scores is not None:
+                return scores, first.text, 1
+            # Unreadable: ask once more, past the cache (which holds the unreadable answer).
+            second = client.complete(msgs, refresh=True)
+            return parse_scores(second.text), second.text, 2
 
-    def report(finished: bool = False) -> None:
-        u = client.usage
-        info: dict[str, Any] = {"scored": res.scored, "unscored": res.unscored, "failed": res.failed,
-                                "tokens": u.tokens}
-        if u.cost is not None:
-            info["cost"] = round(u.cost, 4)
-        emit(progress, "gpt-score", res.scored + res.unscored + res.failed, res.requested, "question",
-             finished=finished, **info)
+        def to_record(q: QA50Question, r: tuple[tuple[float, float] | None, str, int]) -> dict:
+            scores, text, tries = r
+            res.retried_unparseable += int(tries > 1)
+            ans = answers[str(q.question_id)]
+            rec = {"question_id": q.question_id, "pair_id": q.raw.get("pair_id"), "type": q.type,
+                   "domain": q.domain, "domain_bucket": first_domain(q.domain),
+                   "judge": cfg.llm.model, "answer_model_id": ans.model_id,
+                   "answer_id": ans.answer_id, "run_id": header["run_id"],
+                   "answer_run_id": (ans.metadata or {}).get("run_id"),
+                   "ref_score": scores[0] if scores else None,
+                   "model_score": scores[1] if scores else None,
+                   "scored": scores is not None, "review": text, "judge_tries": tries}
+            if scores is None:
+                rec["reason"] = f"unparseable judge output ({tries} tries)"
+                res.unscored += 1
+            else:
+                res.scored += 1
+            return rec
 
-    fail_path = _fail_path(output)
-    with atomic_write(fail_path):
-        pass  # the failures file describes the latest run only
-    try:
-        report()
         if not existing or not hpath.exists():
             atomic_write_json(hpath, header)  # before the first review
-        with JsonlAppender(output) as out, JsonlAppender(fail_path) as failures:
-            for q, r in run_concurrent(judge, todo, cfg.llm.concurrency, cfg.llm.max_consecutive_failures):
-                if isinstance(r, LLMRequestFailed):
-                    res.failed += 1
-                    key = r.kind
-                    res.failure_reasons[key] = res.failure_reasons.get(key, 0) + 1
-                    failures.write({"question_id": q.question_id, "reason": r.reason, "attempts": r.attempts})
-                    report()
-                    continue
-                scores, text, tries = r
-                res.retried_unparseable += int(tries > 1)
-                ans = answers[str(q.question_id)]
-                rec = {"question_id": q.question_id, "pair_id": q.raw.get("pair_id"), "type": q.type,
-                       "domain": q.domain, "domain_bucket": first_domain(q.domain),
-                       "judge": cfg.llm.model, "answer_model_id": ans.model_id,
-                       "answer_id": ans.answer_id, "run_id": header["run_id"],
-                       "answer_run_id": (ans.metadata or {}).get("run_id"),
-                       "ref_score": scores[0] if scores else None,
-                       "model_score": scores[1] if scores else None,
-                       "scored": scores is not None, "review": text, "judge_tries": tries}
-                if scores is None:
-                    rec["reason"] = f"unparseable judge output ({tries} tries)"
-                    res.unscored += 1
-                else:
-                    res.scored += 1
-                out.write(rec)
-                report()
-        report(finished=True)
-    finally:
-        res.usage = client.usage.snapshot()
-        res.elapsed_s = round(time.monotonic() - start, 3)
-        if own_client:
-            client.close()
+        tally = run_llm_job(todo, judge, to_record, reviews, lambda q: q.question_id, client,
+                            max_failures=cfg.max_failures, progress=progress, task="gpt-score",
+                            unit="question", counts=lambda: {"scored": res.scored, "unscored": res.unscored})
+    res.failed, res.failure_reasons = tally.failed, tally.failure_reasons
+    res.usage, res.elapsed_s = tally.usage, tally.elapsed_s
     return res

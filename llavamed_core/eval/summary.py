@@ -1,4 +1,5 @@
-"""``eval summarize``: the chat-benchmark table from one or more review files.
+"""``eval summarize``: the chat-benchmark table from one or more review files (intervals, paired
+differences between files, and VQA runs beside them: :mod:`.compare`).
 
 Per question type (conversation, detailed description), per domain (the first true of chest_xray,
 mri, histology, gross, ct_scan, as the paper buckets them) and overall, each review file gives:
@@ -35,7 +36,7 @@ from ..records import DOMAINS, first_domain, load_qa50
 
 __all__ = ["BUCKET_LABELS", "BucketStats", "ReviewSummary", "ReviewRow", "load_reviews",
            "summarize_reviews", "summary_rows", "relative_rows", "to_csv", "to_markdown", "to_json",
-           "review_file_provenance", "provenance_rows", "model_label"]
+           "review_file_provenance", "provenance_rows", "model_label", "CSV_COLUMNS", "csv_fields"]
 
 TYPES = ("conversation", "detailed_description")
 BUCKET_LABELS = {"conversation": "Conversation", "detailed_description": "Description",
@@ -88,6 +89,8 @@ class ReviewSummary:
     """bucket name → ``type``, ``domain`` or ``overall``."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """``model``, ``model_fingerprint``, ``judge``, ``answers_run_id``, ``run_id`` (``None`` when unknown)."""
+    rows: list[ReviewRow] = field(default_factory=list, repr=False)
+    """The reviews themselves (per-question scores, for the bootstrap in :mod:`.compare`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -243,7 +246,7 @@ def summarize_reviews(paths: list[str | os.PathLike], questions: str | os.PathLi
         s = ReviewSummary(str(p), label, len(rows), sum(r.ref is not None for r in rows),
                           sum(r.ref is None for r in rows),
                           None if qmap is None else len(set(qmap) - {str(r.question_id) for r in rows}),
-                          provenance=review_file_provenance(p))
+                          provenance=review_file_provenance(p), rows=rows)
         for group, name in order:
             sel = rows if group == "overall" else [r for r in rows if getattr(r, group) == name]
             s.buckets[name] = _bucket(sel)
@@ -303,21 +306,28 @@ def to_markdown(summaries: list[ReviewSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CSV_COLUMNS = ["file", "label", "model", "model_fingerprint", "judge", "group", "bucket", "n", "unscored",
+               "mean_ref", "mean_model", "relative"]
+"""The columns of :func:`to_csv`."""
+
+
+def csv_fields(s: ReviewSummary, name: str) -> list[Any]:
+    """The :data:`CSV_COLUMNS` values of one file's bucket."""
+    p, d = s.provenance, s.buckets[name].to_dict()
+    blank = lambda v: "" if v is None else v  # noqa: E731
+    return [s.path, s.label, p.get("model") or "", (p.get("model_fingerprint") or "")[:12], p.get("judge") or "",
+            s.groups[name], name, d["n"], d["unscored"], blank(d["mean_ref"]), blank(d["mean_model"]),
+            blank(d["relative"])]
+
+
 def to_csv(summaries: list[ReviewSummary]) -> str:
     """Long-format CSV: one line per file and bucket."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["file", "label", "model", "model_fingerprint", "judge", "group", "bucket", "n", "unscored",
-                "mean_ref", "mean_model", "relative"])
+    w.writerow(CSV_COLUMNS)
     for s in summaries:
-        p = s.provenance
-        for name, b in s.buckets.items():
-            d = b.to_dict()
-            w.writerow([s.path, s.label, p.get("model") or "", (p.get("model_fingerprint") or "")[:12],
-                        p.get("judge") or "", s.groups[name], name, d["n"], d["unscored"],
-                        "" if d["mean_ref"] is None else d["mean_ref"],
-                        "" if d["mean_model"] is None else d["mean_model"],
-                        "" if d["relative"] is None else d["relative"]])
+        for name in s.buckets:
+            w.writerow(csv_fields(s, name))
     return buf.getvalue()
 
 

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, DependencyError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..progress import ProgressCallback, emit
 
-__all__ = ["GenerationParams", "ChatRequest", "GenerationResult", "Engine", "is_adapter_dir",
+__all__ = ["GenerationParams", "ChatRequest", "GenerationResult", "Engine", "Preparer", "is_adapter_dir",
            "request_images", "PreparedPrompt"]
 
 _SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
@@ -57,6 +57,12 @@ class GenerationParams:
         stop: extra stop strings; the checkpoint's ``generation_config.stop_strings`` and EOS
             always stop too. A stop string is cut from the returned text.
         seed: seed of this request's sampler (``None``: a fresh random seed).
+        frequency_penalty: subtracted from a token's logit once per time the answer holds it
+            (vLLM's and OpenAI's meaning; 0 = off; -2 to 2).
+        presence_penalty: subtracted once from the logit of every token the answer holds
+            (0 = off; -2 to 2).
+        repetition_penalty: divides the positive and multiplies the negative logits of tokens
+            in the prompt or the answer (vLLM's meaning; 1 = off; above 0).
     """
 
     max_new_tokens: int = 256
@@ -64,6 +70,9 @@ class GenerationParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -166,139 +175,50 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 class _Row:
     """Decoding state of one request inside a batch."""
 
-    index: int
+    index: Any
+    """The caller's key of the request (its index in ``generate``, a job in the server)."""
     prompt_tokens: int
     max_new: int
     temperature: float
     top_p: float
     stops: list[str]
     generator: Any
+    request: Any = None
+    """The ``ChatRequest``."""
+    prompt_ids: list[int] = field(default_factory=list)
+    penalties: Any = None
+    """A :class:`~.penalties.RowPenalties` when the request has penalties (made at the first pick)."""
     ids: list[int] = field(default_factory=list)
     text: str = ""
+    """The text so far, decoded incrementally (the final text is decoded whole once)."""
+    committed: str = ""
+    """The part of ``text`` that ends on a whole character (decoded up to ``read_offset``)."""
+    prefix_offset: int = 0
+    read_offset: int = 0
     emitted: int = 0
     finish: str | None = None
 
 
-class Engine:
-    """A loaded checkpoint that answers chat requests (batched, streaming, with stop strings).
+class Preparer:
+    """Renders, tokenises and image-processes requests for an engine, without its model.
 
-    Build it with :meth:`load`. :meth:`generate`, :meth:`stream` and :meth:`count_tokens` may be
-    called from several threads: a lock makes one :meth:`generate` call (or one whole stream)
-    use the model at a time. To decode many requests together, pass them to one
-    :meth:`generate` call.
+    The :class:`Engine` is a preparer with a model; a server whose model runs in another process
+    prepares requests with a plain preparer built from the engine's processor.
 
-    Attributes:
-        model: the ``LlavaForConditionalGeneration`` in eval mode.
-        processor: its ``LlavaProcessor`` (tokenizer, image processor, chat template).
-        model_name: a display name (the checkpoint folder's name).
-        context_length: the most tokens (prompt + answer) the text model takes.
-        device: the torch device the model is on.
-        stop_strings: stop strings from the checkpoint's generation config.
-        eos_token_ids: token ids that end an answer.
+    Args:
+        processor: the checkpoint's ``LlavaProcessor``.
+        context_length: the most tokens (prompt + answer) the model takes.
     """
 
-    def __init__(self, model: Any, processor: Any, model_name: str = "model",
-                 path: str | os.PathLike | None = None):
-        from ..model.compat import stop_settings
-
-        self.model = model
+    def __init__(self, processor: Any, context_length: int):
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.model_name = model_name
-        self.path = Path(path) if path is not None else None
-        self.device = str(next(model.parameters()).device)
-        self.dtype = next(model.parameters()).dtype
-        text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config.text_config
-        self.context_length = int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048)
-        gen = getattr(model, "generation_config", None)
-        # llavamed_stop_strings (stop_strings in older checkpoints); their tokens, also in
-        # eos_token_id for other runtimes, stay stop strings here (cut from the text, counted).
-        self.stop_strings, stop_ids = stop_settings(gen)
-        eos = set()
-        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                eos.add(src)
-            elif isinstance(src, (list, tuple)):
-                eos.update(int(x) for x in src)
-        self.eos_token_ids = (eos - stop_ids) or eos
-        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                             else next(iter(eos), 0))
-        if getattr(processor, "chat_template", None) is None and \
-                getattr(self.tokenizer, "chat_template", None) is None:
-            raise ModelError(f"{path or model_name}: the checkpoint has no chat template",
-                             "checkpoints written by llavamed carry one; convert others with "
-                             "`llavamed weights convert`")
-        # transformers 5.24 renamed ``past_key_values`` to ``cache``; a PEFT wrapper hides it.
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters \
-            else "past_key_values"
+        self.context_length = int(context_length)
         self._image_tokens = self._count_image_tokens()
         self._lock = threading.RLock()
         self._prep_lock = threading.Lock()
         self._prep_template: Any = None  # a processor copy no thread encodes with; copied per thread
         self._prep_local = threading.local()
-
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
-             attn_implementation: str | None = None, base: str | os.PathLike | None = None) -> "Engine":
-        """Load a checkpoint directory, or a LoRA adapter directory merged into its base.
-
-        Args:
-            path: a Llava checkpoint directory, or a PEFT adapter directory
-                (``adapter_config.json``); either may be a Hub id ``org/name[@revision]``.
-            device: ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when present, else CPU).
-            dtype: ``float32``, ``bfloat16``, ``float16`` (default: bf16 on CUDA, fp32 on CPU).
-            attn_implementation: attention kernel (default: flash-attn on CUDA when it imports,
-                else sdpa).
-            base: the base checkpoint of an adapter (default: the adapter's
-                ``base_model_name_or_path``).
-
-        Raises:
-            ModelError: not a checkpoint, or an adapter whose base cannot be found.
-        """
-        from ..model import load_checkpoint
-        from ..model.hub import model_display_name, resolve_model
-
-        name, path = model_display_name(path), resolve_model(path, "--model")  # a dir or org/name@rev
-        if not is_adapter_dir(path):
-            model, processor = load_checkpoint(path, device=device, dtype=dtype,
-                                               attn_implementation=attn_implementation)
-            return cls(model, processor, model_name=name, path=path)
-        try:
-            cfg = json.loads((path / "adapter_config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelError(f"{path / 'adapter_config.json'}: not valid JSON ({exc.msg})") from None
-        base_path = Path(base) if base is not None else (
-            Path(cfg["base_model_name_or_path"]) if cfg.get("base_model_name_or_path") else None)
-        base_path = _resolve_base(base_path)
-        if base_path is None or not base_path.is_dir():
-            raise ModelError(f"{path}: LoRA adapter whose base model "
-                             f"'{base_path or '(not recorded)'}' is not a local directory",
-                             "pass the base checkpoint with --base DIR")
-        model, processor = load_checkpoint(base_path, device=device, dtype=dtype,
-                                           attn_implementation=attn_implementation)
-        try:
-            from peft import PeftModel
-        except ImportError:
-            raise DependencyError("peft is not installed (needed for LoRA adapters)",
-                                  "pip install peft") from None
-        try:
-            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"{path}: could not apply the LoRA adapter to {base_path} "
-                             f"({str(exc).splitlines()[0]})",
-                             "check that --base is the model the adapter was trained on") from None
-        if (path / "tokenizer_config.json").exists() or (path / "chat_template.jinja").exists():
-            from transformers import AutoProcessor
-
-            try:
-                processor = AutoProcessor.from_pretrained(path)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelError(f"{path}: could not load the adapter's processor "
-                                 f"({str(exc).splitlines()[0]})") from None
-        return cls(model.eval(), processor, model_name=name, path=path)
 
     # ------------------------------------------------------------------ prompts
     def _count_image_tokens(self) -> int:
@@ -383,6 +303,132 @@ class Engine:
                               tensors={k: v for k, v in enc.items()
                                        if k not in ("input_ids", "attention_mask")})
 
+    @staticmethod
+    def _check_params(p: GenerationParams, i: int) -> None:
+        if p.max_new_tokens < 1:
+            raise ConfigError(f"request {i}: max_new_tokens must be at least 1, got {p.max_new_tokens}")
+        if not math.isfinite(p.temperature) or p.temperature < 0:
+            raise ConfigError(f"request {i}: temperature must be a finite number >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise ConfigError(f"request {i}: top_p must be in (0, 1], got {p.top_p}")
+        if p.seed is not None and not _SEED_MIN <= p.seed <= _SEED_MAX:
+            raise ConfigError(f"request {i}: seed must be between -2**63 and 2**64-1, got {p.seed}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(p, name)
+            if not (math.isfinite(v) and -2.0 <= v <= 2.0):
+                raise ConfigError(f"request {i}: {name} must be between -2 and 2, got {v}")
+        if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
+            raise ConfigError(f"request {i}: repetition_penalty must be a finite number > 0, "
+                              f"got {p.repetition_penalty}")
+
+
+
+class Engine(Preparer):
+    """A loaded checkpoint that answers chat requests (batched, streaming, with stop strings).
+
+    Build it with :meth:`load`. :meth:`generate`, :meth:`stream` and :meth:`count_tokens` may be
+    called from several threads: a lock makes one :meth:`generate` call (or one whole stream)
+    use the model at a time. To decode many requests together, pass them to one
+    :meth:`generate` call.
+
+    Attributes:
+        model: the ``LlavaForConditionalGeneration`` in eval mode.
+        processor: its ``LlavaProcessor`` (tokenizer, image processor, chat template).
+        model_name: a display name (the checkpoint folder's name).
+        context_length: the most tokens (prompt + answer) the text model takes.
+        device: the torch device the model is on.
+        stop_strings: stop strings from the checkpoint's generation config.
+        eos_token_ids: token ids that end an answer.
+    """
+
+    def __init__(self, model: Any, processor: Any, model_name: str = "model",
+                 path: str | os.PathLike | None = None):
+        from ..model.compat import stop_settings
+
+        text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+            else model.config.text_config
+        super().__init__(processor, int(getattr(text_cfg, "max_position_embeddings", 2048) or 2048))
+        self.model = model
+        self.model_name = model_name
+        self.path = Path(path) if path is not None else None
+        self.device = str(next(model.parameters()).device)
+        self.dtype = next(model.parameters()).dtype
+        gen = getattr(model, "generation_config", None)
+        # llavamed_stop_strings (stop_strings in older checkpoints); their tokens, also in
+        # eos_token_id for other runtimes, stay stop strings here (cut from the text, counted).
+        self.stop_strings, stop_ids = stop_settings(gen)
+        eos = set()
+        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple)):
+                eos.update(int(x) for x in src)
+        self.eos_token_ids = (eos - stop_ids) or eos
+        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                             else next(iter(eos), 0))
+        if getattr(processor, "chat_template", None) is None and \
+                getattr(self.tokenizer, "chat_template", None) is None:
+            raise ModelError(f"{path or model_name}: the checkpoint has no chat template",
+                             "checkpoints written by llavamed carry one; convert others with "
+                             "`llavamed weights convert`")
+        # transformers 5.24 renamed ``past_key_values`` to ``cache``; a PEFT wrapper hides it.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters \
+            else "past_key_values"
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | None = None, dtype: str | None = None,
+             attn_implementation: str | None = None, base: str | os.PathLike | None = None) -> "Engine":
+        """Load a checkpoint directory, or a LoRA adapter directory merged into its base.
+
+        Args:
+            path: a Llava checkpoint directory, or a PEFT adapter directory
+                (``adapter_config.json``); either may be a Hub id ``org/name[@revision]``.
+            device: ``cpu``, ``cuda``, ``cuda:1`` (default: CUDA when present, else CPU).
+            dtype: ``float32``, ``bfloat16``, ``float16`` (default: bf16 on CUDA, fp32 on CPU).
+            attn_implementation: attention kernel (default: flash-attn on CUDA when it imports,
+                else sdpa).
+            base: the base checkpoint of an adapter (default: the adapter's
+                ``base_model_name_or_path``).
+
+        Raises:
+            ModelError: not a checkpoint, or an adapter whose base cannot be found.
+        """
+        from ..model import load_checkpoint
+        from ..model.hub import model_display_name, resolve_model
+
+        name, path = model_display_name(path), resolve_model(path, "--model")  # a dir or org/name@rev
+        if not is_adapter_dir(path):
+            model, processor = load_checkpoint(path, device=device, dtype=dtype,
+                                               attn_implementation=attn_implementation)
+            return cls(model, processor, model_name=name, path=path)
+        try:
+            cfg = json.loads((path / "adapter_config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path / 'adapter_config.json'}: not valid JSON ({exc.msg})") from None
+        base_path = Path(base) if base is not None else (
+            Path(cfg["base_model_name_or_path"]) if cfg.get("base_model_name_or_path") else None)
+        base_path = _resolve_base(base_path)
+        if base_path is None or not base_path.is_dir():
+            raise ModelError(f"{path}: LoRA adapter whose base model "
+                             f"'{base_path or '(not recorded)'}' is not a local directory",
+                             "pass the base checkpoint with --base DIR")
+        model, processor = load_checkpoint(base_path, device=device, dtype=dtype,
+                                           attn_implementation=attn_implementation)
+        from ..model.merge_lora import merge_adapter
+
+        model = merge_adapter(model, path)  # PEFT's merge; an adapter that fits only in part is refused
+        if (path / "tokenizer_config.json").exists() or (path / "chat_template.jinja").exists():
+            from transformers import AutoProcessor
+
+            try:
+                processor = AutoProcessor.from_pretrained(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelError(f"{path}: could not load the adapter's processor "
+                                 f"({str(exc).splitlines()[0]})") from None
+        return cls(model.eval(), processor, model_name=name, path=path)
+
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[ChatRequest], batch_size: int = 16,
                  on_delta: Callable[[int, str], None] | None = None,
@@ -411,28 +457,15 @@ class Engine:
         """
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size}: must be at least 1")
-        prepared = []
-        for i, req in enumerate(requests):
-            self._check_params(req.params, i)
-            if req.prepared is not None:
-                prompt, images, n = "", [], len(req.prepared.input_ids)
-            else:
-                prompt = self.render_prompt(req.messages)
-                images = request_images(req.messages)
-                n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
-                    len(images) * (self._image_tokens - 1)
-            if n >= self.context_length:
-                raise ConfigError(f"request {i}: the prompt has {n} tokens, the context length is "
-                                  f"{self.context_length}", "shorten the conversation")
-            prepared.append((i, prompt, images, n))
-        order = sorted(prepared, key=lambda p: p[3])
+        sizes = [(i, self._checked_length(req, i)) for i, req in enumerate(requests)]
+        order = [i for i, _n in sorted(sizes, key=lambda p: p[1])]
         results: list[GenerationResult | None] = [None] * len(requests)
         done = 0
         emit(progress, "generate", 0, len(requests), "answer")
         with self._lock:
             for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                for finished in self._run_batch(chunk, requests, on_delta, should_stop):
+                chunk = [(i, requests[i]) for i in order[start:start + batch_size]]
+                for finished in self._decode(chunk, on_delta, should_stop):
                     for idx, res in finished:
                         results[idx] = res
                         done += 1
@@ -446,17 +479,10 @@ class Engine:
         """Text deltas of one request as tokens arrive; closing the iterator cancels it."""
         deltas: list[str] = []
         cancelled = threading.Event()
-        prompt = self.render_prompt(request.messages)
-        images = request_images(request.messages)
-        self._check_params(request.params, 0)
-        n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
-            len(images) * (self._image_tokens - 1)
-        if n >= self.context_length:
-            raise ConfigError(f"the prompt has {n} tokens, the context length is {self.context_length}",
-                              "shorten the conversation")
+        self._checked_length(request, 0)
         with self._lock:
-            gen = self._run_batch([(0, prompt, images, n)], [request],
-                                  lambda _i, d: deltas.append(d), lambda _i: cancelled.is_set())
+            gen = self._decode([(0, request)], lambda _i, d: deltas.append(d),
+                               lambda _i: cancelled.is_set())
             try:
                 for _ in gen:
                     while deltas:
@@ -467,17 +493,46 @@ class Engine:
                 cancelled.set()
                 gen.close()
 
+    def running_batch(self, on_delta: Callable[[Any, str], None] | None = None,
+                      should_stop: Callable[[Any], bool] | None = None) -> Any:
+        """An empty :class:`~.batch.RunningBatch` on this engine: requests join it between decode
+        steps (``admit``) and leave it when they finish (iteration-level batching, for a server).
+        The caller runs it from one thread and holds no other generation at the same time."""
+        from .batch import RunningBatch
+
+        return RunningBatch(self, on_delta, should_stop)
+
     # ------------------------------------------------------------------ internals
-    @staticmethod
-    def _check_params(p: GenerationParams, i: int) -> None:
-        if p.max_new_tokens < 1:
-            raise ConfigError(f"request {i}: max_new_tokens must be at least 1, got {p.max_new_tokens}")
-        if not math.isfinite(p.temperature) or p.temperature < 0:
-            raise ConfigError(f"request {i}: temperature must be a finite number >= 0, got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise ConfigError(f"request {i}: top_p must be in (0, 1], got {p.top_p}")
-        if p.seed is not None and not _SEED_MIN <= p.seed <= _SEED_MAX:
-            raise ConfigError(f"request {i}: seed must be between -2**63 and 2**64-1, got {p.seed}")
+    def _decode(self, items: list[tuple[Any, ChatRequest]],
+                on_delta: Callable[[Any, str], None] | None,
+                should_stop: Callable[[Any], bool] | None,
+                ) -> Iterator[list[tuple[Any, GenerationResult]]]:
+        """Decode requests together; after the prefill and every step, yields the ``(key, result)``
+        pairs of the rows that finished in it (often none), so callers can stream between steps."""
+        batch = self.running_batch(on_delta, should_stop)
+        yield batch.admit(items)
+        while batch.rows:
+            yield batch.step()
+
+    def _checked_length(self, request: ChatRequest, i: int) -> int:
+        """A request's prompt tokens, after checking its parameters and that it fits the context.
+
+        Raises:
+            ConfigError: bad parameters, or a prompt that leaves no room in the context length.
+            DataError: messages the template cannot render, or an image part without an image.
+        """
+        self._check_params(request.params, i)
+        if request.prepared is not None:
+            n = len(request.prepared.input_ids)
+        else:
+            prompt = self.render_prompt(request.messages)
+            images = request_images(request.messages)
+            n = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + \
+                len(images) * (self._image_tokens - 1)
+        if n >= self.context_length:
+            raise ConfigError(f"request {i}: the prompt has {n} tokens, the context length is "
+                              f"{self.context_length}", "shorten the conversation")
+        return n
 
     def _encode(self, prompts: list[str], images: list[Any]) -> dict:
         self.tokenizer.padding_side = "left"
@@ -501,86 +556,54 @@ class Engine:
             enc[key] = torch.cat([p.tensors[key] for p in prepared if key in p.tensors])
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def _run_batch(self, chunk: list[tuple[int, str, list, int]], requests: list[ChatRequest],
-                   on_delta: Callable[[int, str], None] | None,
-                   should_stop: Callable[[int], bool] | None,
-                   ) -> Iterator[list[tuple[int, GenerationResult]]]:
-        """Decode one batch; after every step, yields the ``(request index, result)`` pairs of the
-        rows that finished in it (often none), so callers can stream between steps."""
+    def _batch_inputs(self, requests: list[ChatRequest]) -> dict:
+        """The left-padded model inputs of requests (prepared ones collated, others encoded)."""
+        if any(r.prepared is not None for r in requests):  # prepared ahead (serve); the rest here
+            return self._collate([r.prepared if r.prepared is not None
+                                  else self._prepare_with(self.processor, r) for r in requests])
+        return self._encode([self.render_prompt(r.messages) for r in requests],
+                            [img for r in requests for img in request_images(r.messages)])
+
+    def _new_row(self, key: Any, request: ChatRequest, prompt_ids: list[int]) -> _Row:
+        """The decoding state of a request whose prompt is ``prompt_ids``."""
         import torch
 
-        ready = [requests[c[0]].prepared for c in chunk]
-        if any(p is not None for p in ready):  # prepared ahead (serve); the rest prepared here
-            enc = self._collate([p if p is not None else self._prepare_with(self.processor, requests[c[0]])
-                                 for p, c in zip(ready, chunk)])
-        else:
-            enc = self._encode([c[1] for c in chunk], [img for c in chunk for img in c[2]])
-        input_ids = enc["input_ids"]
-        mask = enc["attention_mask"]
-        rows = []
-        for (idx, _p, _imgs, n) in chunk:
-            p = requests[idx].params
-            gen = None
-            if p.temperature > 0:
-                gen = torch.Generator(device=self.device)
-                if p.seed is None:
-                    gen.seed()
-                else:
-                    gen.manual_seed(int(p.seed))
-            rows.append(_Row(index=idx, prompt_tokens=int(n),
-                             max_new=max(1, min(p.max_new_tokens, self.context_length - int(n))),
-                             temperature=float(p.temperature), top_p=float(p.top_p),
-                             stops=[s for s in list(p.stop) + self.stop_strings if s], generator=gen))
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config.get_text_config())
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                      use_cache=True, logits_to_keep=1)
-        kwargs[self._cache_arg] = cache
-        if "pixel_values" in enc:
-            kwargs["pixel_values"] = enc["pixel_values"].to(self.dtype)
-        active = list(range(len(rows)))  # positions in `rows` still decoding, in batch order
-        next_pos = position_ids[:, -1] + 1
-        # Inference mode around the tensor work only: the generator suspends at ``yield``, and
-        # the caller's code (callbacks, other streams) must not run inside it.
-        with torch.inference_mode():
-            out = self.model(**kwargs)
-        while True:
-            with torch.inference_mode():
-                tokens = self._pick(out.logits[:, -1, :].float(), [rows[a] for a in active])
-            picked = tokens.tolist()  # one device sync per step, not one per row
-            still = []
-            finished = []
-            for b, a in enumerate(active):
-                row = rows[a]
-                self._advance(row, picked[b], on_delta, should_stop)
-                if row.finish is None:
-                    still.append(b)
-                else:
-                    finished.append((row.index, self._result(row, on_delta)))
-            yield finished
-            if not still:
-                return
-            with torch.inference_mode():
-                if len(still) < len(active):
-                    keep = torch.tensor(still, device=mask.device)
-                    cache.batch_select_indices(keep)
-                    mask = mask.index_select(0, keep)
-                    next_pos = next_pos.index_select(0, keep)
-                    tokens = tokens.index_select(0, keep)
-                    active = [active[b] for b in still]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                step = dict(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=mask,
-                            position_ids=next_pos.view(-1, 1), use_cache=True, logits_to_keep=1)
-                step[self._cache_arg] = cache
-                next_pos = next_pos + 1
-                out = self.model(**step)
+        p = request.params
+        gen = None
+        if p.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            if p.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(int(p.seed))
+        n = len(prompt_ids)
+        return _Row(index=key, prompt_tokens=n,
+                    max_new=max(1, min(p.max_new_tokens, self.context_length - n)),
+                    temperature=float(p.temperature), top_p=float(p.top_p),
+                    stops=[s for s in list(p.stop) + self.stop_strings if s], generator=gen,
+                    request=request, prompt_ids=prompt_ids)
 
     def _pick(self, logits: Any, rows: list[_Row]) -> Any:
-        """Next token per row: argmax for greedy rows, a seeded draw for sampled rows."""
+        """Next token per row: penalties first (vLLM's order), then argmax for greedy rows and a
+        seeded draw for sampled rows."""
         import torch
 
+        from .penalties import RowPenalties, penalties_active
+
+        penalised = False
+        for b, row in enumerate(rows):
+            p = row.request.params if row.request is not None else None
+            if p is None or not penalties_active(p.repetition_penalty, p.frequency_penalty,
+                                                 p.presence_penalty):
+                continue
+            if row.penalties is None:
+                row.penalties = RowPenalties(logits.shape[-1], row.prompt_ids, p.repetition_penalty,
+                                             p.frequency_penalty, p.presence_penalty, logits.device)
+                for t in row.ids:
+                    row.penalties.add(t)
+            if not penalised:
+                logits, penalised = logits.clone(), True
+            logits[b] = row.penalties.apply(logits[b])
         tokens = logits.argmax(dim=-1)
         for b, row in enumerate(rows):
             if row.temperature <= 0 or row.finish is not None:
@@ -595,9 +618,14 @@ class Engine:
             tokens[b] = torch.multinomial(probs, 1, generator=row.generator)[0]
         return tokens
 
-    def _advance(self, row: _Row, token: int, on_delta: Callable[[int, str], None] | None,
-                 should_stop: Callable[[int], bool] | None) -> None:
-        """Add one token to a row, then decide whether the row is finished; stream new text."""
+    def _advance(self, row: _Row, token: int, on_delta: Callable[[Any, str], None] | None,
+                 should_stop: Callable[[Any], bool] | None) -> None:
+        """Add one token to a row, then decide whether the row is finished; stream new text.
+
+        The text grows incrementally (the way vLLM's and TGI's detokenizers do: the new tokens
+        decoded with a few tokens of context before them), so a step costs the same at token 5
+        and at token 500; the final text is decoded whole once, in :meth:`_result`.
+        """
         if should_stop is not None and should_stop(row.index):
             row.finish = "cancelled"
             return
@@ -605,12 +633,22 @@ class Engine:
             row.finish = "stop"
             return
         row.ids.append(token)
-        row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True,
-                                         clean_up_tokenization_spaces=False)
-        for s in row.stops:
-            cut = row.text.find(s)
-            if cut >= 0:
-                row.text = row.text[:cut]
+        if row.penalties is not None:
+            row.penalties.add(token)
+        before = len(row.committed)  # never changes; the tail after it may be re-decoded
+        prefix = self._decode_ids(row.ids[row.prefix_offset:row.read_offset])
+        window = self._decode_ids(row.ids[row.prefix_offset:])
+        tail = window[len(prefix):] if len(window) > len(prefix) else ""
+        row.text = row.committed + tail
+        if tail and not tail.endswith("\ufffd"):  # a whole character: the window moves on
+            row.committed = row.text
+            row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
+        longest = max((len(s) for s in row.stops), default=0)
+        if longest:
+            start = max(0, before - longest + 1)
+            cuts = [c for c in (row.text.find(s, start) for s in row.stops) if c >= 0]
+            if cuts:
+                row.text = row.text[:min(cuts)]
                 row.finish = "stop"
         if row.finish is None and len(row.ids) >= row.max_new:
             row.finish = "length"
@@ -620,6 +658,9 @@ class Engine:
             if safe > start:
                 on_delta(row.index, row.text[start:safe])
                 row.emitted = safe
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     @staticmethod
     def _safe_end(row: _Row) -> int:
@@ -636,8 +677,11 @@ class Engine:
                     break
         return len(text[:end].rstrip())
 
-    def _result(self, row: _Row, on_delta: Callable[[int, str], None] | None) -> GenerationResult:
-        """Finish a row: stream what was held back and build its result."""
+    def _result(self, row: _Row, on_delta: Callable[[Any, str], None] | None) -> GenerationResult:
+        """Finish a row: decode its whole text once, stream what was held back, build its result."""
+        text = self._decode_ids(row.ids)
+        cuts = [c for c in (text.find(s) for s in row.stops) if c >= 0]
+        row.text = text[:min(cuts)] if cuts else text
         final = row.text.strip()
         if on_delta is not None:
             lead = len(row.text) - len(row.text.lstrip())

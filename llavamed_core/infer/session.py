@@ -22,15 +22,7 @@ from ..images import IMAGE_SUFFIXES, ImageOptions, is_image_name, load_image
 from ..io import atomic_write_json
 from .engine import ChatRequest, GenerationParams, GenerationResult
 
-__all__ = ["ChatSession", "load_chat_image", "find_image_path", "IMAGE_SUFFIXES"]
-
-def load_chat_image(path: str | os.PathLike, options: ImageOptions | None = None) -> Any:
-    """Open and decode an image, DICOM or NIfTI file as RGB (:func:`llavamed_core.images.load_image`).
-
-    Raises:
-        DataError: missing file or one that does not decode.
-    """
-    return load_image(Path(path).expanduser(), options)
+__all__ = ["ChatSession", "find_image_path", "IMAGE_SUFFIXES"]
 
 
 def find_image_path(message: str) -> tuple[str | None, str]:
@@ -78,7 +70,7 @@ class ChatSession:
         Raises:
             DataError: the file is missing or does not decode.
         """
-        image = load_chat_image(path, self.image_options)
+        image = load_image(path, self.image_options)  # the project's one loader
         self.reset()
         self.image = image
         self.image_path = str(path)

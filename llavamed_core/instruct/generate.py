@@ -6,7 +6,7 @@ across the domain lists (the first of every list, then the second of every list,
 ``max_size`` samples stay balanced across domains; a figure listed under several domains is asked
 once. The order is deterministic, so a rerun selects the same figures.
 
-Output is JSONL, appended as each answer arrives (:class:`~llavamed_core.io.JsonlAppender`): the
+Output is JSONL, appended as each answer arrives (:func:`~llavamed_core.llm_jobs.run_llm_job`): the
 input record plus ``domain``, ``model``, ``response`` (the raw model text), ``finish_reason``,
 ``usage`` and ``cached``. A rerun asks only for ``pair_id``\\ s not yet in the output. Requests that
 fail for good are written to ``<output stem>.failures.jsonl`` (pair_id, reason, attempts) and asked
@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DataError, LLMError, data_error
-from ..io import JsonlAppender, check_text_file, iter_records, read_jsonl, reading
-from ..llm import LLMClient, LLMConfig, LLMRequestFailed, run_concurrent
-from ..progress import ProgressCallback, emit
+from ..errors import ConfigError, DataError, data_error
+from ..io import ResumableJsonl, check_text_file, iter_records, read_jsonl, reading
+from ..llm import LLMClient, LLMConfig
+from ..llm_jobs import check_max_failures, failures_path, job_client, run_llm_job
+from ..progress import ProgressCallback
 from ..records import DOMAINS, no_records_error
 from .prompt import build_messages, load_prompt, mention_texts
 
 __all__ = ["GenConfig", "GenResult", "FigureSample", "load_figures", "select_round_robin",
-           "failures_path", "generate_instructions"]
+           "failures_path", "generate_instructions", "GEN_REQUEST"]
+
+GEN_REQUEST = {"model": "gpt-4o", "temperature": 0.7, "max_tokens": 1024}
+"""The request settings of ``instruct gen`` unless told otherwise (``LLMConfig`` fields): a warm
+temperature, for varied conversations; room for a multi-turn one."""
 
 
 @dataclass
@@ -89,12 +93,6 @@ class GenResult:
         d["output"] = str(self.output)
         d["failures_path"] = str(self.failures_path)
         return d
-
-
-def failures_path(output: Path) -> Path:
-    """Where a run records its failed requests: ``gen.jsonl`` → ``gen.failures.jsonl``."""
-    output = Path(output)
-    return output.with_name(f"{output.stem}.failures.jsonl")
 
 
 def load_figures(path: str | os.PathLike) -> list[tuple[str | None, list[Any]]]:
@@ -197,23 +195,6 @@ def select_round_robin(path: Path, lists: list[tuple[str | None, list[dict]]],
     return chosen, dups
 
 
-def _done_ids(output: Path) -> set[str]:
-    done: set[str] = set()
-    if not output.exists():
-        return done
-    for i, rec in enumerate(read_jsonl(output), 1):
-        pid = rec.get("pair_id")
-        if not isinstance(pid, str):
-            raise data_error(output, f"line {i}", "pair_id", "missing in the existing output",
-                             "is --output another kind of file? choose a new path")
-        done.add(pid)
-    return done
-
-
-def _reasons(result: GenResult) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(result.failure_reasons.items()))
-
-
 def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = None,
                           client: LLMClient | None = None) -> GenResult:
     """Ask the LLM for a conversation about each selected figure; append answers to the output.
@@ -235,68 +216,28 @@ def generate_instructions(cfg: GenConfig, progress: ProgressCallback | None = No
     cfg.llm.check()
     if cfg.max_size is not None and cfg.max_size < 1:
         raise ConfigError(f"--max-size must be at least 1, got {cfg.max_size}")
-    if cfg.max_failures is not None and cfg.max_failures < 0:
-        raise ConfigError(f"--max-failures must be 0 or more, got {cfg.max_failures}")
+    check_max_failures(cfg.max_failures)
     prompt = load_prompt(cfg.prompt_file)
     samples, dups = select_round_robin(Path(cfg.input), load_figures(cfg.input), cfg.max_size)
-    output = Path(cfg.output)
-    done = _done_ids(output)
-    todo = [s for s in samples if s.pair_id not in done]
-    fail_path = failures_path(output)
-    own_client = client is None
-    client = client or LLMClient(cfg.llm)
-    result = GenResult(output, fail_path, len(samples), len(samples) - len(todo), len(todo), 0, 0, 0,
-                       dups, endpoint={**client.endpoint.describe(), "model": cfg.llm.model})
-    start = time.monotonic()
+    output = ResumableJsonl(cfg.output, "pair_id", "the existing output",
+                            "is --output another kind of file? choose a new path")
+    todo = output.pending(samples, lambda s: s.pair_id)
+    with job_client(cfg.llm, client) as client:
+        result = GenResult(output.path, failures_path(output.path), len(samples), len(samples) - len(todo),
+                           len(todo), 0, 0, 0, dups, endpoint={**client.endpoint.describe(), "model": cfg.llm.model})
 
-    def ask(sample: FigureSample):
-        return client.complete(build_messages(prompt, sample.caption, sample.mentions, cfg.inline_mentions))
+        def ask(sample: FigureSample):
+            return client.complete(build_messages(prompt, sample.caption, sample.mentions, cfg.inline_mentions))
 
-    def report(finished: bool = False) -> None:
-        u = client.usage
-        info: dict[str, Any] = {"ok": result.succeeded, "failed": result.failed, "tokens": u.tokens}
-        if u.cost is not None:
-            info["cost"] = round(u.cost, 4)
-        emit(progress, "instruct gen", result.succeeded + result.failed, result.requested, "pair",
-             finished=finished, **info)
+        def to_record(sample: FigureSample, res: Any) -> dict:
+            result.cached += int(res.cached)
+            return {**sample.record, "domain": sample.domain, "model": cfg.llm.model,
+                    "inline_mentions": cfg.inline_mentions, "response": res.text,
+                    "finish_reason": res.finish_reason, "cached": res.cached,
+                    "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}}
 
-    # The failures file describes the latest run only: earlier failures are asked again now.
-    # It is created at the first failure (a clean run leaves none).
-    fail_path.unlink(missing_ok=True)
-    try:
-        report()
-        with JsonlAppender(output) as out, JsonlAppender(fail_path, lazy=True) as failures:
-            for sample, res in run_concurrent(ask, todo, cfg.llm.concurrency,
-                                              cfg.llm.max_consecutive_failures):
-                if isinstance(res, LLMRequestFailed):
-                    result.failed += 1
-                    key = res.kind
-                    result.failure_reasons[key] = result.failure_reasons.get(key, 0) + 1
-                    failures.write({"pair_id": sample.pair_id, "reason": res.reason,
-                                    "attempts": res.attempts})
-                    if cfg.max_failures is not None and result.failed > cfg.max_failures:
-                        raise LLMError(
-                            f"{result.failed} requests failed, more than --max-failures {cfg.max_failures} "
-                            f"({_reasons(result)}); stopped with {result.succeeded} answered (kept in "
-                            f"{output}); failures listed in {fail_path}",
-                            "fix the cause (endpoint, model, quota), then rerun the same command: it resumes")
-                else:
-                    result.succeeded += 1
-                    result.cached += int(res.cached)
-                    out.write({**sample.record, "domain": sample.domain, "model": cfg.llm.model,
-                               "inline_mentions": cfg.inline_mentions, "response": res.text,
-                               "finish_reason": res.finish_reason, "cached": res.cached,
-                               "usage": {"prompt_tokens": res.prompt_tokens,
-                                         "completion_tokens": res.completion_tokens}})
-                report()
-        report(finished=True)
-        if result.requested and not result.succeeded:
-            raise LLMError(f"all {result.requested} requests failed ({_reasons(result)}); "
-                           f"listed in {fail_path}",
-                           "check the endpoint, model name and quota, then rerun the same command")
-    finally:
-        result.usage = client.usage.snapshot()
-        result.elapsed_s = round(time.monotonic() - start, 3)
-        if own_client:
-            client.close()
+        tally = run_llm_job(todo, ask, to_record, output, lambda s: s.pair_id, client,
+                            max_failures=cfg.max_failures, progress=progress, task="instruct gen", unit="pair")
+    result.succeeded, result.failed, result.failure_reasons = tally.succeeded, tally.failed, tally.failure_reasons
+    result.usage, result.elapsed_s = tally.usage, tally.elapsed_s
     return result

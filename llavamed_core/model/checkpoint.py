@@ -12,7 +12,6 @@ SGLang load it unchanged (:mod:`.compat` writes the fields each of them needs).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
@@ -37,7 +36,7 @@ __all__ = [
     "resolve_attn_implementation",
 ]
 
-_SHARD_BYTES = 2 * 1024**3
+_SHARD_BYTES = 2 * 1024**3  # = shards.DEFAULT_SHARD_BYTES
 
 
 def hub_key(name: str) -> str:
@@ -157,22 +156,13 @@ def identity_projector_second_layer(model: Any) -> None:
             lin.bias.zero_()
 
 
-def _shard_state_dict(state: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
-    shards: list[dict[str, Any]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards
-
-
 def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrite: bool = False,
                     max_shard_bytes: int = _SHARD_BYTES, extra_json: dict[str, Any] | None = None) -> Path:
     """Write a standard HF Llava checkpoint directory, atomically (temp dir, then rename).
+
+    The weights go through the one checkpoint writer (:func:`~llavamed_core.model.shards.write_tensors`:
+    huggingface_hub's shard split, the standard ``model.safetensors.index.json``); a failure midway
+    leaves nothing at ``out`` (:func:`~llavamed_core.io.atomic_dir`), and the files get the umask's modes.
 
     Args:
         model: a ``LlavaForConditionalGeneration``.
@@ -185,28 +175,18 @@ def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrit
     Returns:
         ``out`` as a Path.
     """
+    from .shards import OutTensor, write_tensors
+
     out = Path(out)
-    state = {}
+    plan = []
     for name, tensor in model.state_dict().items():
         key = hub_key(name)
         if key == "language_model.lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        state[key] = tensor.detach().contiguous().cpu()
+        t = tensor.detach().contiguous().cpu()
+        plan.append(OutTensor(key, tuple(t.shape), t.dtype, (lambda t=t: [t.reshape(-1)])))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        shards = _shard_state_dict(state, max_shard_bytes)
-        if len(shards) == 1:
-            _save_safetensors(shards[0], tmp / "model.safetensors")
-        else:
-            weight_map = {}
-            total = 0
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _save_safetensors(shard, tmp / fname)
-                for k, t in shard.items():
-                    weight_map[k] = fname
-                    total += t.numel() * t.element_size()
-            atomic_write_json(tmp / "model.safetensors.index.json",
-                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_tensors(tmp, plan, max_shard_bytes)
         model.config.architectures = ["LlavaForConditionalGeneration"]
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
@@ -217,33 +197,6 @@ def save_checkpoint(model: Any, processor: Any, out: str | os.PathLike, overwrit
         template = (getattr(model.config, "llavamed", None) or {}).get("template")
         finalize_checkpoint_files(tmp, STOP_STRINGS.get(template) if template in STOP_STRINGS else None)
     return out
-
-
-def _save_safetensors(tensors: dict[str, Any], path: Path) -> None:
-    """``safetensors.torch.save_file``, with its errors made ours.
-
-    A full disk surfaces from safetensors as ``SafetensorError`` (an ``IoError`` with OS code 28):
-    it becomes ``OSError(ENOSPC)`` naming the file, which :func:`~llavamed_core.io.atomic_dir`
-    turns into a one-line :class:`~llavamed_core.errors.StorageError` after removing the
-    half-built directory. Any other serialization failure is a :class:`ModelError`.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except SafetensorError as exc:
-        text = str(exc)
-        if "code: 28" in text or "StorageFull" in text or "No space left" in text:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
-        if "code: 122" in text or "QuotaExceeded" in text:
-            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path)) from None
-        raise ModelError(f"{path}: could not write the weights ({text.splitlines()[0][:200]})",
-                         "check the disk and the output path, then rerun") from None
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
 
 
 def save_processor(processor: Any, out: Path) -> None:
@@ -264,6 +217,25 @@ def _add_legacy_config_fields(path: Path) -> None:
     _fix_config(path)
 
 
+def read_dir_json(directory: Path, name: str, missing: str, hint: str) -> dict[str, Any]:
+    """``directory/name`` as a JSON object (a model's ``config.json``, an ``adapter_config.json``).
+
+    Raises:
+        ModelError: ``{directory}: {missing}`` with ``hint`` when the file is absent; invalid JSON;
+            not an object.
+    """
+    path = Path(directory) / name
+    if not path.exists():
+        raise ModelError(f"{directory}: {missing}", hint)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    return obj
+
+
 def check_checkpoint_dir(path: str | os.PathLike, what: str = "--model") -> Path:
     """Check that ``path`` is a Llava checkpoint directory; return it as a local Path.
 
@@ -278,13 +250,8 @@ def check_checkpoint_dir(path: str | os.PathLike, what: str = "--model") -> Path
 
     path = resolve_model(path, what)
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise ModelError(f"{path}: no config.json, not a Hugging Face checkpoint",
-                         "original LLaVA-Med checkpoints convert with `llavamed weights convert`")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
+    cfg = read_dir_json(path, "config.json", "no config.json, not a Hugging Face checkpoint",
+                        "original LLaVA-Med checkpoints convert with `llavamed weights convert`")
     if cfg.get("model_type") != "llava":
         raise ModelError(
             f"{cfg_path}: model_type is '{cfg.get('model_type')}', expected 'llava'",

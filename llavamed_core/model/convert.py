@@ -58,8 +58,7 @@ from typing import Any
 from ..errors import ModelError
 from ..io import atomic_dir
 from ..progress import ProgressCallback
-from .shards import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, CheckpointReader, OutTensor, TensorSpec,
-                     write_tensors)
+from .shards import CheckpointReader, OutTensor, TensorSpec, WriteOptions, WriteResult, write_tensors
 
 __all__ = ["ConvertConfig", "ConvertResult", "OriginalLayout", "detect_layout", "convert_checkpoint",
            "convert_source", "read_source_config", "LAYOUTS"]
@@ -87,33 +86,24 @@ _CLIP_VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernor
 
 
 @dataclass
-class ConvertConfig:
-    """Options of ``weights convert``.
+class ConvertConfig(WriteOptions):
+    """Options of ``weights convert`` (and the output options of :class:`~.shards.WriteOptions`).
 
     Attributes:
         src: the original checkpoint directory (or a Hub id ``org/name[@revision]``).
-        out: output directory.
         vision: a CLIP checkpoint directory (or a Hub id): the tower of v1 (required), or the CLIP config and
             preprocessing of v1.5 (optional; the tower's weights stay those inside).
-        overwrite: replace an existing ``out``.
-        max_shard_bytes: output shard size.
-        chunk_bytes: bytes read per piece.
     """
 
     src: Path
-    out: Path
     vision: Path | None = None
-    overwrite: bool = False
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
 @dataclass
-class ConvertResult:
-    """What ``convert`` found and did.
+class ConvertResult(WriteResult):
+    """What ``convert`` found and did (and the output counts of :class:`~.shards.WriteResult`).
 
     Attributes:
-        out: the output directory.
         layout: ``llava-med-v1`` or ``llava-med-v1.5``.
         description: one line about the layout.
         text_model_type: ``llama`` or ``mistral``.
@@ -123,13 +113,8 @@ class ConvertResult:
         vision_from: where the tower's weights came from.
         actions: what was done, one line each.
         dropped: keys left out (recomputed buffers).
-        tensors: tensors written.
-        bytes: bytes of tensor data written.
-        shards: safetensors files written.
-        seconds: wall time.
     """
 
-    out: str
     layout: str
     description: str
     text_model_type: str
@@ -139,10 +124,6 @@ class ConvertResult:
     vision_from: str
     actions: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-    tensors: int = 0
-    bytes: int = 0
-    shards: int = 0
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,16 +157,9 @@ def read_source_config(src: Path) -> dict[str, Any]:
     Raises:
         ModelError: missing or invalid.
     """
-    path = Path(src) / "config.json"
-    if not path.exists():
-        raise ModelError(f"{src}: no config.json", "point SRC at the checkpoint directory itself")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{path}: not a JSON object")
-    return cfg
+    from .checkpoint import read_dir_json
+
+    return read_dir_json(Path(src), "config.json", "no config.json", "point SRC at the checkpoint directory itself")
 
 
 def detect_layout(config: dict[str, Any], where: str = "config.json") -> OriginalLayout:

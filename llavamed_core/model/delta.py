@@ -37,7 +37,7 @@ from ..errors import ConfigError, ModelError
 from ..io import atomic_dir
 from ..progress import ProgressCallback
 from .compat import finalize_checkpoint_files
-from .shards import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, CheckpointReader, OutTensor, TensorSpec,
+from .shards import (DEFAULT_CHUNK_BYTES, CheckpointReader, OutTensor, TensorSpec, WriteOptions, WriteResult,
                      copy_aux_files, element_size, write_tensors)
 
 __all__ = ["ApplyDeltaConfig", "MakeDeltaConfig", "DeltaResult", "apply_delta", "make_delta",
@@ -58,67 +58,47 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
 
 
 @dataclass
-class ApplyDeltaConfig:
-    """Options of ``weights apply-delta``.
+class ApplyDeltaConfig(WriteOptions):
+    """Options of ``weights apply-delta`` (and the output options of :class:`~.shards.WriteOptions`).
 
     Attributes:
         base: the base model directory (e.g. LLaMA-7B in Hugging Face format), or a Hub id
             ``org/name[@revision]`` (as for every model path here).
         delta: the delta directory (e.g. ``microsoft/llava-med-7b-delta``).
-        out: output directory.
         dtype: cast base and delta to this dtype first (the original tool loaded both in
             float16); default: keep the stored dtypes, which must then match tensor by tensor.
         to_hf: write a standard Hugging Face Llava checkpoint instead of the original layout.
         vision: CLIP directory for ``to_hf`` (the v1 checkpoint has no vision tower inside).
-        max_shard_bytes: output shard size.
-        chunk_bytes: bytes read per piece (bounds the memory use).
-        overwrite: replace an existing ``out``.
     """
 
     base: Path
     delta: Path
-    out: Path
     dtype: str | None = None
     to_hf: bool = False
     vision: Path | None = None
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    overwrite: bool = False
 
 
 @dataclass
-class MakeDeltaConfig:
-    """Options of ``weights make-delta``.
+class MakeDeltaConfig(WriteOptions):
+    """Options of ``weights make-delta`` (and the output options of :class:`~.shards.WriteOptions`).
 
     Attributes:
         base: the base model directory.
         target: the full model directory (original layout, same tensor names as the base).
-        out: output directory for the delta.
         dtype: cast base and target to this dtype first; default: keep the stored dtypes.
-        max_shard_bytes: output shard size.
-        chunk_bytes: bytes read per piece.
-        overwrite: replace an existing ``out``.
     """
 
     base: Path
     target: Path
-    out: Path
     dtype: str | None = None
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    overwrite: bool = False
 
 
 @dataclass
-class DeltaResult:
-    """What ``apply-delta`` / ``make-delta`` did.
+class DeltaResult(WriteResult):
+    """What ``apply-delta`` / ``make-delta`` did (and the output counts of :class:`~.shards.WriteResult`).
 
     Attributes:
-        out: the output directory.
         mode: ``"apply"`` or ``"make"``.
-        tensors: tensors written.
-        bytes: bytes of tensor data written.
-        shards: safetensors files written.
         combined: tensors added to (apply) or subtracted from (make) the base.
         taken_as_stored: tensors with no base, copied as they are.
         extra_rows: ``{name: rows}`` of embedding/output matrices whose extra rows were copied.
@@ -128,15 +108,10 @@ class DeltaResult:
         inexact_tensors: names of the tensors holding those elements.
         copied_files: non-weight files copied (config, tokenizer, ...).
         notes: remarks (legacy formats loaded whole, ...).
-        seconds: wall time.
         convert: the conversion report when ``to_hf`` was used.
     """
 
-    out: str
     mode: str
-    tensors: int = 0
-    bytes: int = 0
-    shards: int = 0
     combined: int = 0
     taken_as_stored: list[str] = field(default_factory=list)
     extra_rows: dict[str, int] = field(default_factory=dict)
@@ -145,7 +120,6 @@ class DeltaResult:
     inexact_tensors: list[str] = field(default_factory=list)
     copied_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
     convert: Any = None
 
 
@@ -377,7 +351,7 @@ def _run(base_dir: Path, other_dir: Path, out: Path, mode: str, dtype: str | Non
                 written = write_tensors(tmp, plan, max_shard_bytes, progress, task=f"{mode}-delta")
                 result.copied_files = copy_aux_files(other_dir, tmp)
                 finalize_checkpoint_files(tmp)  # side files of an older llavamed made loadable everywhere
-            result.tensors, result.bytes, result.shards = len(plan), written["total_size"], len(written["files"])
+            result.record(written)
     result.seconds = time.monotonic() - start
     return result
 

@@ -1,5 +1,7 @@
 """Stream the tensors of a checkpoint directory in and out, one piece at a time.
 
+Hand-written because safetensors reads and writes whole tensors (``save_file`` holds a shard in memory).
+
 Weight files of a 7B model are tens of GB; the tools that rewrite them (``weights apply-delta``,
 ``make-delta``, ``convert``, ``merge-lora``) never hold a whole model:
 
@@ -12,8 +14,10 @@ Weight files of a 7B model are tens of GB; the tools that rewrite them (``weight
   file, and are then read the same way; a legacy (non-zip) ``.bin`` is loaded whole, and its
   tensors are dropped once the last of them has been read.
 - :class:`ShardedWriter` writes sharded safetensors plus ``model.safetensors.index.json`` from a
-  plan of names, shapes and dtypes known up front: each shard's header is written first and the
-  tensor bytes are appended as they are produced, so no shard is ever assembled in memory.
+  plan of names, shapes and dtypes known up front, split into shards by huggingface_hub: each
+  shard's header is written first and the tensor bytes are appended as they are produced, so no
+  shard is ever assembled in memory. :func:`write_tensors` drives it; it is the one checkpoint
+  writer (``save_checkpoint`` writes through it too).
 - :func:`copy_aux_files` copies what is not a weight (config, tokenizer, processor, template).
 
 Peak memory is a few chunks (``chunk_bytes``, 16 MiB by default), whatever the size of the
@@ -33,6 +37,8 @@ from typing import Any
 from ..errors import ModelError
 
 __all__ = [
+    "WriteOptions",
+    "WriteResult",
     "TensorSpec",
     "TensorInfo",
     "CheckpointReader",
@@ -99,6 +105,46 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ModelError(f"'{text}' is not a positive size", "write it like 500MB or 2GB")
     return value
+
+
+@dataclass(kw_only=True)
+class WriteOptions:
+    """The output options of every tool that writes a checkpoint (convert, merge-lora, the deltas).
+
+    Attributes:
+        out: output directory (written atomically: nothing is there until it is complete).
+        overwrite: replace an existing ``out``.
+        max_shard_bytes: output shard size.
+        chunk_bytes: bytes read per piece (bounds the memory use).
+    """
+
+    out: Path
+    overwrite: bool = False
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+@dataclass(kw_only=True)
+class WriteResult:
+    """What every tool that writes a checkpoint reports about its output.
+
+    Attributes:
+        out: the output directory.
+        tensors: tensors written.
+        bytes: bytes of tensor data written.
+        shards: safetensors files written.
+        seconds: wall time.
+    """
+
+    out: str
+    tensors: int = 0
+    bytes: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+
+    def record(self, written: dict[str, Any]) -> None:
+        """Take the counts from what :func:`write_tensors` returned."""
+        self.tensors, self.bytes, self.shards = len(written["weight_map"]), written["total_size"], len(written["files"])
 
 
 @dataclass(frozen=True)
@@ -463,52 +509,53 @@ class OutTensor:
 
 
 class ShardedWriter:
-    """Write tensors into sharded safetensors files from a plan fixed in advance.
+    """Write tensors into sharded safetensors files, each tensor's bytes straight to disk.
 
-    Every shard's header is written before its data, so each tensor's bytes go straight to disk as
-    they are produced. Tensors must arrive in plan order.
+    The split into shards is huggingface_hub's (:func:`huggingface_hub.split_torch_state_dict_into_shards`,
+    the one ``save_pretrained`` uses: file names ``model.safetensors`` or ``model-0000i-of-0000n.safetensors``,
+    a tensor larger than the limit in a shard of its own). The writing is ours because safetensors'
+    ``save_file`` needs every tensor of a shard whole in memory, and the streaming tools produce a
+    tensor piece by piece: each shard's header is written first, then its tensors' bytes as they come.
+    Tensors must be written in :attr:`order` (the shards' order, which may differ from the plan's).
 
     Args:
         out_dir: the directory (normally the temporary directory of :func:`llavamed_core.io.atomic_dir`).
-        plan: ``(name, shape, dtype)`` in the order they will be written.
-        max_shard_bytes: a new shard starts before a tensor that would push the current one past
-            this (a tensor larger than it gets a shard of its own).
+        plan: ``(name, shape, dtype)`` of every tensor.
+        max_shard_bytes: the shard size limit.
     """
 
     def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, tuple[int, ...], Any]],
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        import torch
+        from huggingface_hub import split_torch_state_dict_into_shards
+
         _, to_name = _dtype_tables()
         self.out_dir = Path(out_dir)
-        shards: list[list[tuple[str, tuple[int, ...], Any, int]]] = [[]]
-        size = 0
+        specs: dict[str, tuple[tuple[int, ...], Any, int]] = {}
         for name, shape, dtype in plan:
             if dtype not in to_name:
                 raise ModelError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
-            n = element_size(dtype)
-            for d in shape:
-                n *= d
-            if shards[-1] and size + n > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, tuple(shape), dtype, n))
-            size += n
-        if not shards[-1]:
-            shards.pop()
-        total = len(shards)
+            if name in specs:
+                raise ModelError(f"tensor {name}: planned twice")
+            specs[name] = (tuple(shape), dtype, TensorSpec(name, tuple(shape), dtype).nbytes)
+        if not specs:
+            raise ModelError("no tensors to write")
+        split = split_torch_state_dict_into_shards(
+            {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype, _) in specs.items()},
+            filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes)
         self._shards = []
-        for i, entries in enumerate(shards, 1):
-            fname = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+        for fname, names in split.filename_to_tensors.items():
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
             off = 0
-            for name, shape, dtype, n in entries:
+            for name in names:
+                shape, dtype, n = specs[name]
                 header[name] = {"dtype": to_name[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
                 off += n
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
-            self._shards.append((fname, raw, entries))
+            self._shards.append((fname, raw, [(name, *specs[name]) for name in names]))
         self._order = [(si, e) for si, (_, _, entries) in enumerate(self._shards) for e in entries]
         self._pos = 0
-        self._written = 0
         self._fh = None
         self._fh_index = -1
         self.weight_map: dict[str, str] = {}
@@ -519,26 +566,42 @@ class ShardedWriter:
         """Shard file names."""
         return [s[0] for s in self._shards]
 
+    @property
+    def order(self) -> list[str]:
+        """Tensor names in the order they must be written."""
+        return [e[0] for _, e in self._order]
+
     def _open(self, si: int) -> None:
         self._close_current()
         fname, raw, _ = self._shards[si]
         self._fh = open(self.out_dir / fname, "wb")
-        self._fh.write(len(raw).to_bytes(8, "little"))
-        self._fh.write(raw)
         self._fh_index = si
+        self._put(len(raw).to_bytes(8, "little") + raw)
+
+    def _put(self, data: Any) -> None:
+        try:
+            self._fh.write(data)
+        except OSError as exc:  # name the shard (a full disk is reported by atomic_dir)
+            exc.filename = exc.filename or str(self.out_dir / self._shards[self._fh_index][0])
+            raise
 
     def _close_current(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+        fh, self._fh = self._fh, None
+        if fh is None:
+            return
+        try:
+            with fh:
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:  # a full disk may show only here; name the shard
+            exc.filename = exc.filename or fh.name
+            raise
 
     def write(self, name: str, pieces: Iterable[Any]) -> int:
-        """Write the next tensor of the plan from its flat pieces; returns its byte count.
+        """Write the next tensor of :attr:`order` from its flat pieces; returns its byte count.
 
         Raises:
-            ModelError: out of plan order, or the pieces do not add up to the planned size/dtype.
+            ModelError: out of order, or the pieces do not add up to the planned size/dtype.
         """
         import torch
 
@@ -553,25 +616,20 @@ class ShardedWriter:
         for piece in pieces:
             if piece.dtype != dtype:
                 raise ModelError(f"tensor {name}: produced {piece.dtype}, planned {dtype}")
-            piece = piece.contiguous().reshape(-1)
+            piece = piece.detach().contiguous().reshape(-1)
             if piece.numel() == 0:
                 continue
             data = piece.view(torch.uint8).numpy()
-            try:
-                self._fh.write(memoryview(data))
-            except OSError as exc:  # name the shard (a full disk is reported by atomic_dir)
-                exc.filename = exc.filename or str(self.out_dir / self._shards[si][0])
-                raise
+            self._put(memoryview(data))
             got += data.nbytes
         if got != n:
             raise ModelError(f"tensor {name}: produced {got} bytes, planned {n} ({list(shape)})")
         self.weight_map[name] = self._shards[si][0]
         self._pos += 1
-        self._written += n
         return n
 
     def finish(self) -> dict[str, Any]:
-        """Close the last shard and write the index (when there are several shards).
+        """Close the last shard and write the standard ``model.safetensors.index.json`` (several shards).
 
         Returns:
             ``{"files": [...], "total_size": bytes, "weight_map": {...}}``.
@@ -582,8 +640,6 @@ class ShardedWriter:
         if self._pos != len(self._order):
             missing = self._order[self._pos][1][0]
             raise ModelError(f"tensor {missing}: planned but never written")
-        if not self._shards:
-            raise ModelError("no tensors to write")
         if len(self._shards) > 1:
             atomic_write_json(self.out_dir / "model.safetensors.index.json",
                               {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map})
@@ -594,9 +650,12 @@ def write_tensors(out_dir: str | os.PathLike, tensors: list[OutTensor], max_shar
                   progress: Any = None, task: str = "write") -> dict[str, Any]:
     """Write planned tensors as sharded safetensors, reporting progress by tensor and bytes.
 
+    The one checkpoint writer: the streaming tools and :func:`~llavamed_core.model.checkpoint.save_checkpoint`
+    all write through it, into the temporary directory of :func:`~llavamed_core.io.atomic_dir`.
+
     Args:
         out_dir: destination directory (already existing).
-        tensors: the plan, in write order.
+        tensors: the plan (each producer is called once, in the shards' order).
         max_shard_bytes: shard size limit.
         progress: a :mod:`llavamed_core.progress` callback.
         task: the progress task name.
@@ -607,9 +666,11 @@ def write_tensors(out_dir: str | os.PathLike, tensors: list[OutTensor], max_shar
     from ..progress import emit
 
     writer = ShardedWriter(out_dir, [(t.name, t.shape, t.dtype) for t in tensors], max_shard_bytes)
+    by_name = {t.name: t for t in tensors}
     done = 0
     emit(progress, task, 0, writer.total_bytes, "B", tensor=0, tensors=len(tensors))
-    for i, t in enumerate(tensors, 1):
+    for i, name in enumerate(writer.order, 1):
+        t = by_name[name]
         done += writer.write(t.name, t.produce())
         if t.done is not None:
             t.done()

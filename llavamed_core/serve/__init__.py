@@ -1,8 +1,11 @@
 """``llavamed serve``: an OpenAI-compatible chat API with micro-batching, a web chat page, and vLLM.
 
 - :mod:`.config`: :class:`ServeConfig` and its parts (limits, remote-image policy, vLLM launch).
-- :mod:`.app`: the FastAPI app (routes, auth, limits, errors, request log, web page).
-- :mod:`.protocol` / :mod:`.images`: request checking, image decoding, response shapes.
+- :mod:`.app`: the FastAPI app (server state, error handlers, middleware) over
+  :mod:`.routes` (the API), :mod:`.page` (the web page) and :mod:`.guards` (auth, limits,
+  Host/Origin guard, CORS, request log).
+- :mod:`.schema` / :mod:`.protocol` / :mod:`.images`: the request schema (pydantic), request
+  checking, image decoding, response shapes; :mod:`.choices`: ``n`` > 1.
 - :mod:`.scheduler`: the batching worker in front of the engine.
 - :mod:`.native` / :mod:`.vllm`: the two backends (our engine; vLLM's server behind a proxy).
 - :mod:`.server`: bind and run under uvicorn.

@@ -3,9 +3,12 @@
 Every failure the server answers goes through :class:`APIError`, so clients (the ``openai``
 package, curl, the web page) always get the same shape and never a stack trace. Status codes:
 
-- 400 ``invalid_request_error``: the body is not JSON, an image cannot be used (bad base64, not
-  an image, too many pixels, a side too long, too thin, too many images, remote URL refused),
-  the text holds the image placeholder, the prompt does not fit.
+- 400 ``invalid_request_error``: the body is not JSON, a field that would change the answer is
+  not implemented (``unsupported_parameter``: ``tools``, ``logprobs``, ...), ``n`` is over the
+  cap (``n_too_large``), an image cannot be used (bad base64, not an image, too many pixels, a
+  side too long, too thin, too many images, remote URL refused), the text holds the image
+  placeholder, the prompt does not fit; a CORS preflight from an origin not allowed
+  (``cors_not_allowed``).
 - 401 ``authentication_error``: missing or wrong Bearer token.
 - 403 ``permission_error`` / ``host_not_allowed`` or ``origin_not_allowed``: without an API key,
   a ``Host`` or browser ``Origin`` outside the allowlist (DNS-rebinding and cross-site defence).
@@ -14,8 +17,8 @@ package, curl, the web page) always get the same shape and never a stack trace. 
 - 413 ``invalid_request_error`` / ``request_too_large``: the body is over the size cap.
 - 415 ``invalid_request_error`` / ``unsupported_media_type``: the body is not sent as
   ``application/json``.
-- 422 ``invalid_request_error``: the JSON does not match the schema (wrong type, missing field,
-  empty ``messages``, value out of range, unsupported option such as ``n`` > 1).
+- 422 ``invalid_request_error``: the JSON does not match the schema (:mod:`.schema`: wrong
+  type, missing field, empty ``messages``, value out of range, unknown role or part type).
 - 429 ``rate_limit_error`` / ``queue_full``: the batch queue is full; retry later.
 - 500 ``server_error``: a bug or engine failure (details in the server log only).
 - 503 ``server_error`` / ``model_loading``: the model is still loading (or the backend is down).
@@ -23,7 +26,7 @@ package, curl, the web page) always get the same shape and never a stack trace. 
 
 from __future__ import annotations
 
-__all__ = ["APIError", "bad_request", "invalid_field", "error_body"]
+__all__ = ["APIError", "bad_request", "error_body"]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -64,7 +67,3 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     """A 400 ``invalid_request_error``."""
     return APIError(400, message, "invalid_request_error", param, code)
 
-
-def invalid_field(message: str, param: str | None, code: str = "invalid_value") -> APIError:
-    """A 422 ``invalid_request_error`` for a field of the wrong type or out of range."""
-    return APIError(422, message, "invalid_request_error", param, code)

@@ -7,12 +7,16 @@ or ``LLAVAMED_API_KEY``), never given a default that ``--help`` could print, and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
 
 __all__ = ["ServeLimits", "RemoteImagePolicy", "VllmConfig", "ServeConfig"]
+
+_ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
+"""A web origin as browsers send it in ``Origin``: scheme, host, optional port, no path."""
 
 
 @dataclass
@@ -37,6 +41,9 @@ class ServeLimits:
     (clipped to what the context leaves)."""
     max_queue: int = 256
     """Most requests waiting for a batch slot; one more gets 429."""
+    max_n: int = 8
+    """Most choices (``n``) one request may ask for; more get 400. Each choice is generated as
+    its own request, so ``n`` multiplies the work."""
     header_timeout_s: float = 10.0
     """Longest a client may take to send a request's headers (connection closed after it)."""
     body_timeout_s: float = 60.0
@@ -45,7 +52,7 @@ class ServeLimits:
     def validate(self) -> None:
         """Raise :class:`ConfigError` on a non-positive limit."""
         for name in ("max_body_bytes", "max_image_pixels", "max_image_bytes", "max_images",
-                     "max_tokens", "max_queue", "max_image_side", "max_image_aspect"):
+                     "max_tokens", "max_queue", "max_image_side", "max_image_aspect", "max_n"):
             if not getattr(self, name) >= 1:
                 raise ConfigError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s"):
@@ -139,6 +146,10 @@ class ServeConfig:
     allow_hosts: list[str] = field(default_factory=list)
     """Without an API key, the ``Host`` names (and browser ``Origin`` hosts) accepted besides
     localhost, 127.0.0.1, [::1], IP addresses and ``host``; ``*`` = any (no DNS-rebinding defence)."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Web origins (``https://app.example.org``) whose pages may call the API from a browser
+    (CORS); ``*`` = any. Empty (the default): no CORS headers at all. Without an API key these
+    origins also pass the ``Origin`` check."""
     prep_workers: int = 2
     """Threads that decode and preprocess images and tokenise prompts outside the generation
     thread (also the most images being decoded at once, which bounds their memory)."""
@@ -168,5 +179,10 @@ class ServeConfig:
             raise ConfigError("--tensor-parallel-size must be at least 1")
         if not 0 < self.vllm.gpu_memory_utilization <= 1:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ConfigError(f"--cors-origin {origin!r} is not a web origin",
+                                  "give scheme, host and optional port, no path: "
+                                  "--cors-origin https://app.example.org (or '*' for any)")
         self.limits.validate()
         self.remote_images.validate()

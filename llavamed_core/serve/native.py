@@ -1,4 +1,4 @@
-"""The native backend: our engine in this process, behind the batching scheduler.
+"""The native backend: our engine in this process, behind the continuous-batching scheduler.
 
 Loading (``start``) runs in a background thread so the server answers ``/health`` (503) and
 ``/v1/models`` while the checkpoint loads. A request is checked completely before it may join a
@@ -6,23 +6,24 @@ batch: :meth:`NativeBackend.precheck` (on the event loop, cheap: text length aga
 no image placeholder in the text) and :meth:`NativeBackend.prepare` (in the server's small pool
 of preparation threads: images decoded, resized and normalised, the prompt rendered and tokenised,
 its exact length checked), so the generation thread only generates. Each prepared request becomes
-one job of the :class:`~.scheduler.BatchScheduler`; a plain request waits for its result, a
-streamed one relays the engine's deltas as ``chat.completion.chunk`` events. If the client goes
-away the job is cancelled, which frees its slot in the batch.
+one job of the :class:`~.scheduler.BatchScheduler`, which admits it into the running batch at
+the next decode step; a plain request waits for its result, a streamed one relays the engine's
+deltas as ``chat.completion.chunk`` events. If the client goes away the job is cancelled, which
+frees its row in the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..errors import LlavamedError
 from .api_errors import APIError
+from .backend import Backend, ClientGone, RequestContext, sse
 from .config import ServeConfig
+from .engine_proc import EngineDied
 from .protocol import ParsedChat, chunk_body, completion_body, decode_images
 from .scheduler import BatchScheduler, Job, QueueFull, SchedulerClosed
 
@@ -31,41 +32,14 @@ __all__ = ["NativeBackend", "RequestContext", "ClientGone", "map_engine_error", 
 log = logging.getLogger("llavamed.serve")
 
 
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready (nobody to answer)."""
-
-
-class RequestContext:
-    """What a backend needs to know about the HTTP request it answers.
-
-    Args:
-        request_id: the ``chatcmpl-...`` id.
-        model: the model name to report.
-        record: the per-request log record (filled with tokens, batch size, finish reason).
-        wait_disconnect: an awaitable factory that returns when the client disconnects.
-    """
-
-    def __init__(self, request_id: str, model: str, record: dict,
-                 wait_disconnect: Callable[[], Any]):
-        self.request_id = request_id
-        self.model = model
-        self.record = record
-        self.wait_disconnect = wait_disconnect
-        self.created = int(time.time())
-
-
-def sse(obj: Any) -> bytes:
-    """One Server-Sent Event carrying ``obj`` as JSON (or ``[DONE]``)."""
-    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
 def map_engine_error(exc: BaseException) -> APIError:
     """The API error for an exception raised while generating."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, SchedulerClosed):
         return APIError(503, "the server is shutting down", "server_error", None, "shutting_down")
+    if isinstance(exc, EngineDied):
+        return APIError(503, str(exc), "server_error", None, "engine_died")
     if isinstance(exc, LlavamedError):
         # ConfigError/DataError from the engine: the request cannot be rendered or does not fit.
         return APIError(400, exc.message, "invalid_request_error", "messages", "invalid_request")
@@ -79,7 +53,7 @@ def _without_images(messages: list[dict]) -> list[dict]:
             if isinstance(m["content"], list) else m for m in messages]
 
 
-class NativeBackend:
+class NativeBackend(Backend):
     """Our :class:`~llavamed_core.infer.engine.Engine` with micro-batching.
 
     Args:
@@ -93,14 +67,22 @@ class NativeBackend:
         self.config = config
         self._loader = engine_loader
         self.engine: Any = None
-        self.scheduler: BatchScheduler | None = None
+        """The engine (in this process), or a ``Preparer`` when the model runs in its own process."""
+        self.scheduler: Any = None
+        """The :class:`BatchScheduler`, or the :class:`~.engine_proc.EngineProcess` that runs one."""
         self.image_token = "<image>"
         self.max_token_chars = 16
+        self._process: Any = None
 
     @property
     def ready(self) -> bool:
         """Whether the model is loaded and requests can be answered."""
-        return self.scheduler is not None
+        return self.scheduler is not None and self.scheduler.alive
+
+    @property
+    def failure(self) -> str | None:
+        """Why the loaded engine stopped answering (its process died), else ``None``."""
+        return self.scheduler.failure if self.scheduler is not None else None
 
     @property
     def context_length(self) -> int | None:
@@ -108,14 +90,19 @@ class NativeBackend:
         return getattr(self.engine, "context_length", None)
 
     def start(self) -> None:
-        """Load the engine and start the batching worker (blocking; run in a thread)."""
+        """Load the engine and start the batching worker (blocking; run in a thread).
+
+        With an ``engine_loader`` the engine runs in this process; otherwise the model and the
+        decode loop run in an engine process of their own (:mod:`.engine_proc`) and this process
+        keeps a ``Preparer`` on the engine's processor.
+        """
         if self._loader is not None:
             engine = self._loader()
         else:
-            from ..infer.engine import Engine
+            from .engine_proc import EngineProcess
 
-            engine = Engine.load(self.config.model, device=self.config.device, dtype=self.config.dtype,
-                                 attn_implementation=self.config.attn_implementation)
+            self._process = EngineProcess(self.config)
+            engine = self._process.start()
         self.engine = engine
         self.image_token = getattr(engine.processor, "image_token", None) or "<image>"
         # The longest token's spelling bounds the characters one token can cover, so a text over
@@ -124,23 +111,31 @@ class NativeBackend:
         from ..infer.engine import ChatRequest
 
         engine.prepare(ChatRequest([{"role": "user", "content": "ready?"}]))  # warm the preparer
+        if self._process is not None:
+            self.scheduler = self._process
+            return
         self.scheduler = BatchScheduler(engine, max_batch=self.config.max_batch,
                                         max_wait_ms=self.config.max_wait_ms,
                                         max_queue=self.config.limits.max_queue)
 
     def close(self) -> None:
-        """Stop the batching worker (queued requests get 503)."""
+        """Stop the batching worker or the engine process (queued requests get 503)."""
         if self.scheduler is not None:
             self.scheduler.close()
+        elif self._process is not None:  # still loading
+            self._process.close()
 
     def stats(self) -> dict:
         """Scheduler counters for ``/health``."""
         if self.scheduler is None:
             return {}
         s = self.scheduler.stats
-        return {"queued": self.scheduler.queued, "batches": s.batches, "requests": s.requests,
-                "max_batch_seen": s.max_batch_seen, "cancelled": s.cancelled,
-                "failed_batches": s.failed_batches, "retried_alone": s.retried_alone}
+        out = {"queued": self.scheduler.queued, "batches": s.batches, "requests": s.requests,
+               "max_batch_seen": s.max_batch_seen, "cancelled": s.cancelled,
+               "failed_batches": s.failed_batches, "retried_alone": s.retried_alone, "steps": s.steps}
+        if self._process is not None:
+            out["engine_pid"] = self._process.pid
+        return out
 
     def precheck(self, chat: ParsedChat) -> None:
         """Cheap checks on the event loop, before any tokenising or image work.
@@ -193,7 +188,10 @@ class NativeBackend:
 
         params = GenerationParams(max_new_tokens=chat.max_tokens or self.config.limits.max_tokens,
                                   temperature=chat.temperature, top_p=chat.top_p,
-                                  stop=list(chat.stop), seed=chat.seed)
+                                  stop=list(chat.stop), seed=chat.seed,
+                                  frequency_penalty=chat.frequency_penalty,
+                                  presence_penalty=chat.presence_penalty,
+                                  repetition_penalty=chat.repetition_penalty)
         return ChatRequest(messages=chat.engine_messages(), params=params)
 
     def _submit(self, chat: ParsedChat, sink: Callable[[str, Any], None], stream: bool) -> Job:
@@ -206,8 +204,8 @@ class NativeBackend:
             raise APIError(429, f"the server is busy ({self.scheduler.max_queue} requests queued); "
                                 f"retry shortly", "rate_limit_error", None, "queue_full",
                            headers={"Retry-After": "1"}) from None
-        except SchedulerClosed:
-            raise map_engine_error(SchedulerClosed()) from None
+        except (SchedulerClosed, EngineDied) as exc:
+            raise map_engine_error(exc) from None
 
     @staticmethod
     def _note(ctx: RequestContext, job: Job, res: Any) -> None:

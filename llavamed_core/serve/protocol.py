@@ -1,19 +1,24 @@
 """The OpenAI chat-completions protocol: parse and check a request, shape responses and chunks.
 
-:func:`parse_chat_request` turns a JSON body into a :class:`ParsedChat` (schema errors → 422,
-body/image errors → 400, see :mod:`.api_errors`); :func:`fetch_remote_images` then downloads its
-remote images and :func:`decode_images` (in a worker thread) decodes them all. Responses follow the ``chat.completion`` and ``chat.completion.chunk`` objects of the
-OpenAI API (docs/formats.md, "OpenAI-compatible chat API").
+:func:`parse_chat_request` validates a JSON body against the pydantic schema (:mod:`.schema`:
+schema errors → 422, unsupported fields → 400) and the server's limits, and turns it into the
+:class:`ParsedChat` the backends take; :func:`fetch_remote_images` then downloads its remote
+images and :func:`decode_images` (in a worker thread) decodes them all. A request for ``n``
+choices is run as ``n`` single-choice requests (:meth:`ParsedChat.for_choice`, see
+:mod:`.choices`). Responses follow the ``chat.completion`` and ``chat.completion.chunk`` objects
+of the OpenAI API (docs/formats.md, "OpenAI-compatible chat API").
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .api_errors import bad_request, invalid_field
+from pydantic import ValidationError
+
+from .api_errors import bad_request
 from .config import RemoteImagePolicy, ServeLimits
 from .images import (decode_data_url, fetch_remote_image, is_medical, is_remote_url, open_image,
                      png_data_url, to_data_url)
@@ -21,9 +26,7 @@ from .images import (decode_data_url, fetch_remote_image, is_medical, is_remote_
 __all__ = ["ImageRef", "ParsedChat", "parse_json_body", "parse_chat_request", "fetch_remote_images",
            "decode_images", "completion_body", "chunk_body", "redact_body"]
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_MAX_STOP = 4
-_SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # the range a sampler seed can take
+from .schema import SEED_MAX, ChatCompletionRequest, ImagePart, validation_error
 
 
 @dataclass
@@ -65,8 +68,31 @@ class ParsedChat:
     """Answer as Server-Sent Events."""
     include_usage: bool = False
     """With ``stream``, send a last chunk carrying ``usage``."""
+    n: int = 1
+    """Choices asked for; the backends only ever see 1 (see :meth:`for_choice`)."""
+    frequency_penalty: float = 0.0
+    """OpenAI ``frequency_penalty`` (−2..2): subtracted from a token's logit once per time the
+    token was generated so far."""
+    presence_penalty: float = 0.0
+    """OpenAI ``presence_penalty`` (−2..2): subtracted from a token's logit once it was generated."""
+    repetition_penalty: float = 1.0
+    """``repetition_penalty`` (> 0; vLLM, transformers): logits of tokens in the prompt or the
+    answer so far are divided by it when positive, multiplied when negative; 1 = off."""
     engine_request: Any = None
     """The backend's ready-to-run request, once prepared (native: a prepared ``ChatRequest``)."""
+
+    def for_choice(self, i: int) -> "ParsedChat":
+        """Choice ``i`` of an ``n``-choice request as a request of its own: ``n`` = 1, the seed
+        ``seed + i`` (wrapping past 2**64-1) so that each choice is reproducible and differs from
+        the others, fresh image references (each choice is prepared on its own), usage always
+        counted."""
+        seed = None if self.seed is None else self.seed + i
+        if seed is not None and seed > SEED_MAX:
+            seed -= 2 ** 64
+        messages = [{**m, "content": [{**p, "ref": replace(p["ref"])} if p["type"] == "image" else p
+                                      for p in m["content"]]} if isinstance(m["content"], list) else m
+                    for m in self.messages]
+        return replace(self, messages=messages, seed=seed, n=1, include_usage=True, engine_request=None)
 
     def text_parts(self) -> list[tuple[str, str]]:
         """``(param, text)`` of every text in the messages, ``param`` naming its request field."""
@@ -133,156 +159,46 @@ def parse_json_body(raw: bytes) -> dict:
     return body
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_num(v):
-        raise invalid_field(f"'{name}' must be a number, got {json.dumps(v)[:40]}", name, "invalid_type")
-    if v != v or v in (float("inf"), float("-inf")):
-        raise invalid_field(f"'{name}' must be a finite number, got {v}", name)
-    if v > hi or v < lo or (lo_open and v == lo):
-        bound = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
-        raise invalid_field(f"'{name}' must be in {bound}, got {v:g}", name)
-    return float(v)
-
-
 def parse_chat_request(body: dict, limits: ServeLimits) -> ParsedChat:
     """Check a chat-completions body against the schema and this server's limits.
 
     Args:
         body: the parsed JSON object.
-        limits: the server's caps (images per request, ``max_tokens``).
+        limits: the server's caps (images per request, ``max_tokens``, ``n``).
 
     Returns:
-        The checked request; its images are referenced, not yet loaded (see :func:`load_images`).
+        The checked request; its images are referenced, not yet loaded (see :func:`decode_images`).
 
     Raises:
-        APIError: 422 for schema violations and unsupported options, 400 for too many images.
+        APIError: 422 for a body that breaks the schema, 400 for an unsupported field, ``n`` over
+            the cap or too many images.
     """
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise invalid_field("'model' must be a string", "model", "invalid_type")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        what = "is missing" if messages is None else f"must be a list, got {type(messages).__name__}"
-        raise invalid_field(f"'messages' {what}", "messages", "invalid_type")
-    if not messages:
-        raise invalid_field("'messages' is empty; send at least one user message", "messages",
-                            "empty_messages")
-    parsed_messages = [_parse_message(m, i) for i, m in enumerate(messages)]
-    if not any(m["role"] == "user" for m in parsed_messages):
-        raise invalid_field("'messages' has no user message", "messages", "no_user_message")
-
-    chat = ParsedChat(model=model, messages=parsed_messages)
+    try:
+        req = ChatCompletionRequest.model_validate(body, context={"limits": limits})
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    messages = []
+    for i, m in enumerate(req.messages):
+        content: Any = m.content
+        if isinstance(content, list):
+            content = [{"type": "image", "ref": ImageRef(param=f"messages[{i}].content[{j}].image_url",
+                                                          url=p.image_url)} if isinstance(p, ImagePart)
+                       else {"type": "text", "text": p.text} for j, p in enumerate(content)]
+        messages.append({"role": m.role, "content": content})
+    opts = req.stream_options
+    chat = ParsedChat(
+        model=req.model, messages=messages,
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, stop=list(req.stop or []), seed=req.seed,
+        stream=bool(req.stream), include_usage=bool(opts and opts.include_usage), n=req.n or 1,
+        frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
     n_images = len(chat.images)
     if n_images > limits.max_images:
         raise bad_request(f"the request has {n_images} images, over this server's limit of "
                           f"{limits.max_images} per request", "messages", "too_many_images")
-
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    mt = body.get(name)
-    if mt is not None:
-        if not _is_int(mt):
-            raise invalid_field(f"'{name}' must be an integer, got {json.dumps(mt)[:40]}", name, "invalid_type")
-        if mt < 1:
-            raise invalid_field(f"'{name}' must be at least 1, got {mt}", name)
-        if mt > limits.max_tokens:
-            raise invalid_field(f"'{name}' is {mt}, over this server's limit of {limits.max_tokens}",
-                                name, "max_tokens_too_large")
-        chat.max_tokens = mt
-    chat.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    chat.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise invalid_field("'stop' must be a non-empty string or a list of them", "stop", "invalid_type")
-        if len(stop) > _MAX_STOP:
-            raise invalid_field(f"'stop' has {len(stop)} strings; at most {_MAX_STOP} are allowed", "stop")
-        chat.stop = list(stop)
-    seed = body.get("seed")
-    if seed is not None:
-        if not _is_int(seed):
-            raise invalid_field("'seed' must be an integer", "seed", "invalid_type")
-        if not _SEED_MIN <= seed <= _SEED_MAX:
-            raise invalid_field(f"'seed' must be between -2**63 and 2**64-1, got {str(seed)[:40]}",
-                                "seed")
-        chat.seed = seed
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise invalid_field(f"only n=1 is supported, got n={json.dumps(n)[:20]}", "n", "unsupported_value")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid_field("'stream' must be true or false", "stream", "invalid_type")
-    chat.stream = bool(stream)
-    opts = body.get("stream_options")
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise invalid_field("'stream_options' must be an object", "stream_options", "invalid_type")
-        chat.include_usage = bool(opts.get("include_usage", False))
-    if body.get("logprobs"):
-        raise invalid_field("'logprobs' is not supported by this server", "logprobs", "unsupported_value")
-    for key in ("tools", "functions"):
-        if body.get(key):
-            raise invalid_field(f"'{key}' (function calling) is not supported by this server", key,
-                                "unsupported_value")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise invalid_field("only response_format {\"type\": \"text\"} is supported", "response_format",
-                            "unsupported_value")
     return chat
-
-
-def _parse_message(m: Any, i: int) -> dict:
-    where = f"messages[{i}]"
-    if not isinstance(m, dict):
-        raise invalid_field(f"'{where}' must be an object", where, "invalid_type")
-    role = m.get("role")
-    if role not in _ROLES:
-        raise invalid_field(f"'{where}.role' must be one of system, user, assistant; got "
-                            f"{json.dumps(role)[:30]}", f"{where}.role")
-    role = _ROLES[role]
-    content = m.get("content")
-    if isinstance(content, str):
-        return {"role": role, "content": content}
-    if not isinstance(content, list):
-        raise invalid_field(f"'{where}.content' must be a string or a list of parts", f"{where}.content",
-                            "invalid_type")
-    parts: list[dict] = []
-    for j, part in enumerate(content):
-        pwhere = f"{where}.content[{j}]"
-        if not isinstance(part, dict):
-            raise invalid_field(f"'{pwhere}' must be an object", pwhere, "invalid_type")
-        kind = part.get("type")
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise invalid_field(f"'{pwhere}.text' must be a string", f"{pwhere}.text", "invalid_type")
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            if role != "user":
-                raise invalid_field(f"'{pwhere}': images are only accepted in user messages", pwhere,
-                                    "unsupported_value")
-            spec = part.get("image_url")
-            url = spec.get("url") if isinstance(spec, dict) else spec
-            if not isinstance(url, str) or not url:
-                raise invalid_field(f"'{pwhere}.image_url.url' must be a non-empty string",
-                                    f"{pwhere}.image_url", "invalid_type")
-            parts.append({"type": "image", "ref": ImageRef(param=f"{pwhere}.image_url", url=url)})
-        else:
-            raise invalid_field(f"'{pwhere}.type' must be 'text' or 'image_url', got "
-                                f"{json.dumps(kind)[:30]}", f"{pwhere}.type", "unsupported_value")
-    return {"role": role, "content": parts}
 
 
 async def fetch_remote_images(chat: ParsedChat, limits: ServeLimits, policy: RemoteImagePolicy,

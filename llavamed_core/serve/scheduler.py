@@ -1,16 +1,19 @@
-"""Micro-batching in front of the engine: one worker thread, many waiting requests.
+"""Continuous batching in front of the engine: one worker thread, many waiting requests.
 
-Requests are queued by the HTTP handlers (any thread); a single worker thread takes up to
-``max_batch`` of them and runs them through ``Engine.generate`` together. A batch starts when it
-is full or when its first request has waited ``max_wait_ms``; requests that arrive while a batch
-runs wait and form the next one, so under load every batch is full and on an idle server a lone
-request waits at most ``max_wait_ms``. The queue is bounded (:class:`QueueFull` → 429). A request
-whose client went away is cancelled: dropped if still queued, stopped through the engine's
-``should_stop`` if running, so its slot is freed.
+Requests are queued by the HTTP handlers (any thread); a single worker thread runs one
+:class:`~llavamed_core.infer.batch.RunningBatch` of up to ``max_batch`` rows and, between decode
+steps, admits queued requests into it (iteration-level batching, as Orca and vLLM do): a new
+request joins at the next step and a finished one leaves at once, so a short answer never waits
+for the longest one in its batch. On an idle server the first requests wait up to
+``max_wait_ms`` for others to prefill with them; while rows run, newcomers join without waiting.
+The queue is bounded (:class:`QueueFull` → 429). A request whose client went away is cancelled:
+dropped if still queued, stopped through the engine's ``should_stop`` if running, so its row
+is freed.
 
-Requests never share a fate: when the engine fails on a batch, each of its requests is run again
-alone, so only a request that fails by itself gets an error (a streamed one that already got text
-is resumed without repeating it, or fails if its answer comes out different).
+Requests never share a fate: when the prefill of several newcomers fails, each is admitted again
+alone; when a decode step fails, each running request is run again alone from its start, so only
+a request that fails by itself gets an error (a streamed one that already got text is resumed
+without repeating it, or fails if its answer comes out different).
 
 The worker talks to the asyncio side only through each job's ``sink`` callable, so this module
 knows nothing of HTTP or event loops.
@@ -61,11 +64,11 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     """When it was queued (monotonic seconds)."""
     started_at: float | None = None
-    """When its batch started."""
+    """When it joined the running batch (its prefill began)."""
     finished_at: float | None = None
-    """When its batch ended."""
+    """When its answer was complete."""
     batch_size: int = 0
-    """How many requests its batch held."""
+    """The most requests that decoded together while it ran."""
     cancelled: bool = False
     """Set by :meth:`cancel` (any thread); read by the worker and the engine's ``should_stop``."""
     sent: list[str] = field(default_factory=list)
@@ -81,29 +84,31 @@ class SchedulerStats:
     """Counters since start (read for ``/health`` and tests)."""
 
     batches: int = 0
-    """Batches run."""
+    """Admissions: groups of requests prefilled together (a running batch takes many)."""
     requests: int = 0
     """Requests that went through the engine."""
     max_batch_seen: int = 0
-    """Largest batch run."""
+    """Most requests decoding together."""
     cancelled: int = 0
     """Requests cancelled before or during generation."""
     failed_batches: int = 0
-    """Batches the engine failed on (their requests were then run one by one)."""
+    """Prefills and decode steps the engine failed on (their requests were then run alone)."""
     retried_alone: int = 0
     """Requests run again alone after their batch failed."""
+    steps: int = 0
+    """Decode steps run."""
 
 
 class BatchScheduler:
-    """Collects concurrent requests into batches for one engine.
+    """Runs concurrent requests through one engine in a continuously refilled batch.
 
     Args:
-        engine: an object with ``generate(requests, batch_size, on_delta, should_stop)``
-            returning one result per request (``llavamed_core.infer.engine.Engine``).
-        max_batch: most requests per batch (1 = one at a time).
-        max_wait_ms: longest wait for a batch to fill once its first request is queued.
+        engine: an ``llavamed_core.infer.engine.Engine`` (``running_batch`` for the batch,
+            ``generate`` for a request run again alone).
+        max_batch: most requests decoding together (1 = one at a time).
+        max_wait_ms: on an idle engine, longest wait for more requests to prefill with the first.
         max_queue: most queued (not yet running) requests.
-        check: called in the worker thread with each request right before its batch runs; an
+        check: called in the worker thread with each request right before it is admitted; an
             exception it raises fails that request alone (e.g. a prompt over the context length).
     """
 
@@ -120,6 +125,14 @@ class BatchScheduler:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llavamed-batcher", daemon=True)
         self._thread.start()
+
+    failure: str | None = None
+    """Why the scheduler stopped answering (never set in this process; see ``engine_proc``)."""
+
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler takes requests."""
+        return not self._closed
 
     @property
     def queued(self) -> int:
@@ -145,7 +158,7 @@ class BatchScheduler:
         return job
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, cancel the queued ones, and wait for the running batch."""
+        """Stop taking requests, cancel the queued ones, and wait for the running ones."""
         with self._cond:
             self._closed = True
             dropped = list(self._pending)
@@ -155,75 +168,124 @@ class BatchScheduler:
             _deliver(job, "error", SchedulerClosed())
         self._thread.join(timeout)
 
-    def _next_batch(self) -> list[Job] | None:
+    def _take(self, running: int, can_admit: bool) -> list[Job] | None:
+        """The queued jobs to admit now (``None``: closed and nothing runs)."""
         with self._cond:
             while True:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return None
-                deadline = self._pending[0].enqueued_at + self.max_wait
-                while len(self._pending) < self.max_batch and not self._closed:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                batch: list[Job] = []
-                while self._pending and len(batch) < self.max_batch:
+                if running:
+                    if self._closed or not can_admit:
+                        return []
+                else:
+                    while not self._pending and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return None
+                    # Idle: give the first request's company max_wait to arrive.
+                    deadline = self._pending[0].enqueued_at + self.max_wait
+                    while len(self._pending) < self.max_batch and not self._closed:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                taken: list[Job] = []
+                while self._pending and running + len(taken) < self.max_batch:
                     job = self._pending.popleft()
                     if job.cancelled:
                         self.stats.cancelled += 1
                         continue
-                    batch.append(job)
-                if batch:
-                    return batch
+                    taken.append(job)
+                if taken or running:
+                    return taken
 
     def _run(self) -> None:
+        batch = self._new_batch()
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            jobs = self._take(len(batch.rows), batch.can_admit)
+            if jobs is None:
                 return
-            self._run_batch(batch)
+            if jobs:
+                self._admit(batch, jobs)
+            if batch.rows:
+                self._step(batch)
 
-    def _run_batch(self, batch: list[Job]) -> None:
+    def _new_batch(self) -> Any:
+        def on_delta(job: Job, text: str) -> None:
+            if job.stream and not job.cancelled:
+                job.sent.append(text)
+                _deliver(job, "delta", text)
+
+        return self.engine.running_batch(on_delta, lambda job: job.cancelled)
+
+    def _admit(self, batch: Any, jobs: list[Job]) -> None:
+        """Prefill queued jobs into the running batch; a failed prefill of several is retried
+        one job at a time, so only a job that fails alone gets the error."""
         if self.check is not None:
-            batch = [job for job in batch if self._passes_check(job)]
-            if not batch:
+            jobs = [job for job in jobs if self._passes_check(job)]
+            if not jobs:
                 return
-        start = time.monotonic()
-        for job in batch:
-            job.started_at = start
-            job.batch_size = len(batch)
+        now = time.monotonic()
+        for job in jobs:
+            job.started_at = now
         self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
-
-        def on_delta(i: int, text: str) -> None:
-            if batch[i].stream and not batch[i].cancelled:
-                batch[i].sent.append(text)
-                _deliver(batch[i], "delta", text)
-
+        self.stats.requests += len(jobs)
+        size = len(batch.rows) + len(jobs)
         try:
-            results = self._generate(batch, on_delta)
+            finished = batch.admit([(job, job.request) for job in jobs])
         except Exception as exc:
-            self._finish(batch)
-            if len(batch) == 1:  # the request failed alone: its own error
-                log.error("generation failed for one request (%s: %s)", type(exc).__name__, exc,
-                          exc_info=not isinstance(exc, _EXPECTED))
-                _deliver(batch[0], "error", exc)
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc, "generation failed for one request")
+                return
+            log.warning("the prefill of %d requests failed (%s: %s); admitting them one at a time",
+                        len(jobs), type(exc).__name__, exc, exc_info=not isinstance(exc, _EXPECTED))
+            self.stats.failed_batches += 1
+            finished = []
+            for job in jobs:
+                self.stats.retried_alone += 1
+                try:
+                    finished += batch.admit([(job, job.request)])
+                except Exception as exc_alone:
+                    self._fail(job, exc_alone, "generation failed for one request run alone")
+        self._note_size(batch, jobs, size)
+        self._settle(finished)
+
+    def _step(self, batch: Any) -> None:
+        """One decode step; if it fails, every running job is run again alone."""
+        try:
+            finished = batch.step()
+        except Exception as exc:
+            jobs = batch.clear()
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc, "generation failed for one request")
                 return
             # One bad row must not fail the others: run each request again, alone.
             log.warning("generation failed for a batch of %d (%s: %s); running its requests one "
-                        "at a time", len(batch), type(exc).__name__, exc, exc_info=not isinstance(exc, _EXPECTED))
+                        "at a time", len(jobs), type(exc).__name__, exc, exc_info=not isinstance(exc, _EXPECTED))
             self.stats.failed_batches += 1
-            for job in batch:
+            for job in jobs:
                 self._run_alone(job)
             return
-        self._finish(batch)
-        for job, res in zip(batch, results):
+        self.stats.steps += 1
+        self._settle(finished)
+
+    def _note_size(self, batch: Any, jobs: list[Job], size: int) -> None:
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, size)
+        for row in batch.rows:
+            row.index.batch_size = max(row.index.batch_size, size)
+        for job in jobs:
+            job.batch_size = max(job.batch_size, size)
+
+    def _settle(self, finished: list) -> None:
+        end = time.monotonic()
+        for job, res in finished:
+            job.finished_at = end
             if job.cancelled:
                 self.stats.cancelled += 1
             _deliver(job, "done", res)
+
+    def _fail(self, job: Job, exc: Exception, what: str) -> None:
+        job.finished_at = time.monotonic()
+        log.error("%s (%s: %s)", what, type(exc).__name__, exc, exc_info=not isinstance(exc, _EXPECTED))
+        _deliver(job, "error", exc)
 
     def _generate(self, batch: list[Job], on_delta: Callable[[int, str], None]) -> list:
         def should_stop(i: int) -> bool:
@@ -266,12 +328,9 @@ class BatchScheduler:
         try:
             result = self._generate([job], on_delta)[0]
         except Exception as exc:
-            self._finish([job])
-            log.error("generation failed for one request run alone (%s: %s)", type(exc).__name__,
-                      exc, exc_info=not isinstance(exc, _EXPECTED))
-            _deliver(job, "error", exc)
+            self._fail(job, exc, "generation failed for one request run alone")
             return
-        self._finish([job])
+        job.finished_at = time.monotonic()
         if state["diverged"] or (sent and not state["text"].startswith(sent)):
             job.cancelled = False
             _deliver(job, "error", RuntimeError("the streamed answer could not be resumed after its "
@@ -280,12 +339,6 @@ class BatchScheduler:
         if job.cancelled:
             self.stats.cancelled += 1
         _deliver(job, "done", result)
-
-    @staticmethod
-    def _finish(batch: list[Job]) -> None:
-        end = time.monotonic()
-        for job in batch:
-            job.finished_at = end
 
     def _passes_check(self, job: Job) -> bool:
         try:

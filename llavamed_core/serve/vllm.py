@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import DependencyError, ModelError
 from .api_errors import APIError, error_body
 from .config import ServeConfig
-from .native import RequestContext
+from .backend import Backend, RequestContext
 from .protocol import ParsedChat, decode_images
 
 __all__ = ["find_vllm", "build_vllm_command", "check_vllm_checkpoint", "checkpoint_stop_strings",
@@ -122,7 +122,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class VllmBackend:
+class VllmBackend(Backend):
     """vLLM's OpenAI server in a child process, behind our API.
 
     Args:

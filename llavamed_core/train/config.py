@@ -23,7 +23,8 @@ from .stages import StagePreset, get_stage
 __all__ = ["TrainConfig", "BatchPlan", "plan_batch", "load_config_file", "parse_set_items",
            "merge_settings", "config_to_dict", "training_argument_names"]
 
-_PATH_FIELDS = ("model", "data", "images", "out", "run_dir")
+_PATH_FIELDS = ("model", "data", "images", "out", "run_dir", "eval_data")
+_PARTS = ("vision_tower", "projector", "language_model")
 
 
 @dataclass
@@ -79,6 +80,20 @@ class TrainConfig:
             CUDA when it imports, else sdpa).
         check_images: open every image's header up front so that a missing or unreadable image
             stops the run before training (naming the record), not hours into it.
+        eval_data: a conversation file (same format and ``images`` folder as :attr:`data`) whose
+            mean token loss is measured at every save and at the end.
+        eval_split: hold out this share of :attr:`data` (at least one record, chosen with
+            :attr:`seed`) for the eval loss instead; those records do not train.
+        train_vision: ``True`` trains the vision tower, ``False`` freezes it, ``None`` keeps the
+            stage preset's choice (frozen in every stage).
+        train_projector: the same for the projector (``None``: the preset; it trains in every stage).
+        train_llm: the same for the language model (``None``: the preset; it trains in instruct
+            and finetune). With LoRA, "train" means its adapters.
+        lora_target: the language-model modules that get adapters: comma-separated module names
+            (``q_proj,v_proj``) or ``all-linear`` (every linear layer of the language model but
+            the output head); ``None``: the attention and MLP projections.
+        dora: weight-decomposed LoRA (PEFT's ``use_dora``): a trained magnitude vector per adapted layer.
+        rslora: rank-stabilised LoRA scaling, ``alpha / sqrt(r)`` (PEFT's ``use_rslora``).
     """
 
     stage: str
@@ -117,6 +132,14 @@ class TrainConfig:
     overwrite: bool = False
     attn_implementation: str | None = None
     check_images: bool = True
+    eval_data: Path | None = None
+    eval_split: float | None = None
+    train_vision: bool | None = None
+    train_projector: bool | None = None
+    train_llm: bool | None = None
+    lora_target: str | None = None
+    dora: bool = False
+    rslora: bool = False
 
     def __post_init__(self) -> None:
         for name in _PATH_FIELDS:
@@ -133,6 +156,23 @@ class TrainConfig:
     def resolved_run_dir(self) -> Path:
         """Where the Trainer's intermediate checkpoints go."""
         return self.run_dir if self.run_dir is not None else self.out.with_name(self.out.name + ".run")
+
+    def trainable_parts(self) -> tuple[str, ...]:
+        """The parts that train: the stage preset's, changed by :attr:`train_vision`,
+        :attr:`train_projector` and :attr:`train_llm` where given (``vision_tower``,
+        ``projector``, ``language_model``, in that order)."""
+        parts = set(self.preset.trainable)
+        for part, flag in zip(_PARTS, (self.train_vision, self.train_projector, self.train_llm)):
+            if flag is True:
+                parts.add(part)
+            elif flag is False:
+                parts.discard(part)
+        return tuple(p for p in _PARTS if p in parts)
+
+    @property
+    def trains_language_model(self) -> bool:
+        """Whether the language model (or its LoRA adapters) trains."""
+        return "language_model" in self.trainable_parts()
 
     def resolved_epochs(self) -> float:
         """Epochs to run: the given value, else the stage preset's."""
@@ -166,9 +206,31 @@ class TrainConfig:
             raise ConfigError(f"--epochs {self.epochs}: must be positive")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ConfigError(f"--lr {self.learning_rate}: must be positive")
-        if (self.lora or self.qlora) and not self.preset.trains_language_model:
+        if not self.trainable_parts():
+            raise ConfigError("nothing trains: the vision tower, the projector and the language model are all frozen",
+                              "drop one of --freeze-vision/--freeze-projector/--freeze-llm, or add --train-…")
+        if (self.lora or self.qlora) and not self.trains_language_model:
+            if self.train_llm is False:
+                raise ConfigError("--lora/--qlora with --freeze-llm: LoRA trains adapters on the language model",
+                                  "drop --freeze-llm, or drop --lora")
             raise ConfigError(f"--lora/--qlora do not apply to '{self.stage}': only the projector trains there",
-                              "drop --lora, or use it with `train instruct` or `train finetune`")
+                              "drop --lora, or use it with `train instruct` or `train finetune` (or add --train-llm)")
+        if (self.dora or self.rslora or self.lora_target is not None) and not (self.lora or self.qlora):
+            given = [n for n, v in (("--dora", self.dora), ("--rslora", self.rslora),
+                                    ("--lora-target", self.lora_target is not None)) if v]
+            raise ConfigError(f"{', '.join(given)} without --lora/--qlora", "add --lora, or drop " + given[0])
+        if self.lora_target is not None:
+            names = [n.strip() for n in self.lora_target.split(",")]
+            if not all(names) or ("all-linear" in names and len(names) > 1):
+                raise ConfigError(f"--lora-target {self.lora_target}: expected module names separated by commas "
+                                  "(q_proj,v_proj) or all-linear")
+        if self.eval_data is not None and self.eval_split is not None:
+            err = ConfigError("--eval-data and --eval-split both given", "choose one source of eval records")
+            err.exit_code = 2  # a usage error
+            raise err
+        if self.eval_split is not None and not 0 < self.eval_split < 1:
+            raise ConfigError(f"--eval-split {self.eval_split}: must be between 0 and 1 (a share of --data)",
+                              "e.g. --eval-split 0.05")
         if self.deepspeed is not None and self.fsdp:
             raise ConfigError("--deepspeed and --fsdp both given", "choose one way of sharding")
         if self.deepspeed is not None and self.deepspeed not in ("zero2", "zero3") \
@@ -242,7 +304,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return Path(str(value))
     kind = _config_fields()[name].type
     try:
-        if "bool" in kind and "None" not in kind:
+        if kind.startswith("bool"):  # "bool" and the tri-state "bool | None"
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()

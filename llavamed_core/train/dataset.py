@@ -18,6 +18,7 @@ fit is dropped. Both counts are reported.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, data_error
+from ..images import image_problem
 from ..progress import ProgressCallback, emit
 from ..records import Conversation, image_in_folder, load_conversations
 
@@ -174,34 +176,6 @@ class ConversationEncoder:
                              np.asarray(mask, dtype=np.uint8), self.expanded_length(ids), truncated)
 
 
-def _check_image_header(path: Path) -> str | None:
-    """``None`` when ``path`` exists and opens as an image (header only), else the problem.
-
-    A DICOM or NIfTI file is rendered in full (truncation and missing pixel data show only then).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    from ..errors import LlavamedError
-    from ..images import image_kind, load_image
-
-    if not path.is_file():
-        return "file not found"
-    with open(path, "rb") as fh:
-        medical = image_kind(fh.read(1024), path.name) != "image"
-    if medical:
-        try:
-            load_image(path)
-        except LlavamedError as exc:
-            return exc.message.removeprefix(f"{path}: ")[:160]
-        return None
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - reading the header is the check
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        return f"not a readable image ({str(exc).splitlines()[0][:160]})"
-    return None
-
-
 def load_training_conversations(data: Path, images: Path, check_images: bool = True,
                                 progress: ProgressCallback | None = None) -> list[Conversation]:
     """Read and check every record before training starts.
@@ -225,9 +199,10 @@ def load_training_conversations(data: Path, images: Path, check_images: bool = T
         workers = min(16, (os.cpu_count() or 2) * 2)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             paths = [images / c.image for c in convs]
-            for i, (conv, problem) in enumerate(zip(convs, pool.map(_check_image_header, paths))):
+            check = functools.partial(image_problem, header_only=True)  # pixels decode when batched
+            for i, (conv, problem) in enumerate(zip(convs, pool.map(check, paths))):
                 if problem is not None:
-                    raise data_error(data, conv.id, "image", f"{images / conv.image}: {problem}",
+                    raise data_error(data, conv.id, "image", f"{images / conv.image}: {problem[1]}",
                                      "fix or remove the record, or point --images at the right folder")
                 if i % 5000 == 0:
                     emit(progress, "check images", i, len(convs), unit="image")
@@ -317,13 +292,10 @@ class SupervisedDataset:
 
     def load_pixels(self, sample: EncodedSample) -> Any:
         """The sample's image through the checkpoint's image processor, ``[3, H, W]`` float."""
-        from ..images import load_image
+        from ..images import load_record_image
 
-        try:  # the project's one loader: DICOM/NIfTI windowed as chat, serve and eval show them
-            rgb = load_image(sample.image)
-        except DataError as exc:
-            raise data_error(self.source, sample.record_id, "image", exc.message,
-                             "fix or remove the record") from None
+        # the project's one loader: DICOM/NIfTI windowed as chat, serve and eval show them
+        rgb = load_record_image(sample.image, self.source, sample.record_id)
         return self.image_processor(images=[rgb], return_tensors="pt")["pixel_values"][0]
 
     def __getitem__(self, i: int) -> dict[str, Any]:

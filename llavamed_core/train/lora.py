@@ -1,7 +1,8 @@
 """LoRA and QLoRA with PEFT: which modules get adapters, and merging them back into a checkpoint.
 
-Adapters go on the language model's attention and MLP projections; the projector is trained fully
-(``modules_to_save``), as LLaVA's LoRA recipe does. The vision tower stays frozen. At the end the
+Adapters go on the language model's attention and MLP projections (``--lora-target`` picks others,
+``--dora``/``--rslora`` PEFT's variants); the projector is trained fully (``modules_to_save``), as
+LLaVA's LoRA recipe does. The vision tower stays frozen unless ``--train-vision`` trains it in full. At the end the
 adapters are merged into a standalone checkpoint, unless the user asks for the adapter alone.
 QLoRA loads the language model's linear layers in 4-bit NF4 (bitsandbytes: CUDA, or its CPU
 backend); the vision tower, the projector and the output head stay unquantised. Its merge re-loads
@@ -14,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import DependencyError, TrainingError
+from ..errors import ConfigError, DependencyError, TrainingError
 
-__all__ = ["LORA_TARGETS", "QLORA_SKIP_MODULES", "lora_config", "wrap_lora", "quantization_config",
+__all__ = ["LORA_TARGETS", "QLORA_SKIP_MODULES", "lora_config", "lora_targets", "wrap_lora", "quantization_config",
            "check_quantized_parts", "merge_lora", "adapter_state"]
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -28,12 +29,56 @@ QLORA_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_h
 a pattern from the start of the name; the bare names keep older substring matching right."""
 
 
-def lora_config(r: int, alpha: int, dropout: float) -> Any:
-    """The PEFT ``LoraConfig`` for a Llava model."""
+def lora_config(r: int, alpha: int, dropout: float, target_modules: str = LORA_TARGETS, dora: bool = False,
+                rslora: bool = False, modules_to_save: tuple[str, ...] = ("multi_modal_projector",)) -> Any:
+    """The PEFT ``LoraConfig`` for a Llava model.
+
+    Args:
+        r: rank.
+        alpha: scaling numerator (``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``).
+        dropout: dropout on the adapter path.
+        target_modules: a regular expression over full module names (:func:`lora_targets`).
+        dora: weight-decomposed LoRA (a trained magnitude vector per adapted layer).
+        rslora: rank-stabilised scaling.
+        modules_to_save: parts trained in full beside the adapters (the projector; the vision
+            tower when it trains).
+    """
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
-                      modules_to_save=["multi_modal_projector"], bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      modules_to_save=list(modules_to_save) or None, bias="none", task_type="CAUSAL_LM",
+                      use_dora=dora, use_rslora=rslora)
+
+
+def lora_targets(model: Any, spec: str | None) -> str:
+    """The ``target_modules`` expression for ``--lora-target``: adapters on the language model only.
+
+    Args:
+        model: the Llava model (its module names are checked).
+        spec: ``None`` (the attention and MLP projections, :data:`LORA_TARGETS`), ``all-linear``
+            (every linear layer of the language model; the output head is not in it), or
+            comma-separated module names (``q_proj,v_proj``).
+
+    Raises:
+        ConfigError: a name that is no linear layer of the language model (the known ones listed).
+    """
+    import re
+
+    import torch
+
+    if spec is None:
+        return LORA_TARGETS
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if ".language_model." in f".{name}." and isinstance(module, torch.nn.Linear)})
+    if spec.strip() == "all-linear":
+        names = linear
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        unknown = [n for n in names if n not in linear]
+        if unknown:
+            raise ConfigError(f"--lora-target {spec}: '{unknown[0]}' is not a linear layer of the language model",
+                              f"use all-linear or some of: {','.join(linear)}")
+    return r".*language_model.*\.(" + "|".join(re.escape(n) for n in names) + ")"
 
 
 def wrap_lora(model: Any, config: Any, linear_projector: bool) -> Any:

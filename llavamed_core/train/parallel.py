@@ -1,9 +1,9 @@
-"""Distributed training plumbing: world size, DeepSpeed/FSDP settings, the torchrun re-launch.
+"""Distributed training plumbing: world size, DeepSpeed/FSDP settings, what ran (mechanism report).
 
-``llavamed train … --gpus N`` (or ``--nproc N`` on CPU, gloo backend) re-runs the same command
-line under torchrun (``torch.distributed.run``) with N processes per node; the child processes see
-:data:`LAUNCHED_ENV` and train instead of launching again. Each child is one rank of the Hugging
-Face Trainer (DDP, DeepSpeed ZeRO or FSDP2).
+``llavamed train … --gpus N`` (or ``--nproc N`` on CPU, gloo backend; ``--nnodes`` for several
+machines) starts ``python -m llavamed_core.train CONFIG`` under torchrun through the one launcher,
+:mod:`llavamed_core.launch`. Each process is one rank of the Hugging Face Trainer (DDP, DeepSpeed
+ZeRO or FSDP2).
 
 ``--deepspeed`` and ``--fsdp`` in a single process (one GPU, or a CPU smoke run) go through the
 same distributed code path as many: :func:`single_process_world` sets ``RANK``/``WORLD_SIZE``/
@@ -31,20 +31,16 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ConfigError, DependencyError, TrainingError
+from ..launch import LAUNCHED_ENV, LaunchSpec, launch, torchrun_command  # noqa: F401  (the launcher's home)
 
 __all__ = ["LAUNCHED_ENV", "WorldInfo", "world_info", "deepspeed_config", "fsdp_config", "fsdp_wrap_classes",
            "layer_classes", "single_process_world", "engage_fsdp_on_cpu", "mechanism_report",
            "describe_mechanism", "check_gpu_count", "LaunchSpec", "torchrun_command", "launch"]
-
-LAUNCHED_ENV = "LLAVAMED_LAUNCHED"
-"""Set (to ``cpu`` or ``cuda``) in the processes torchrun starts: they train instead of launching again."""
 
 _DS_DIR = Path(__file__).with_name("ds_configs")
 
@@ -356,51 +352,3 @@ def check_gpu_count(requested: int) -> None:
                           + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
                              if os.environ.get("CUDA_VISIBLE_DEVICES") is not None else ""),
                           f"use --gpus {have} (the global batch stays the same through gradient accumulation)")
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """How to start the distributed run (torchrun's flags)."""
-
-    nproc_per_node: int
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-
-
-def torchrun_command(spec: LaunchSpec, module_args: list[str], module: str = "llavamed_cli.main") -> list[str]:
-    """The torchrun command line: ``python -m llavamed_core.train._torchrun … -m MODULE ARGS``
-    (``torch.distributed.run`` with a quiet failure report, see :mod:`._torchrun`)."""
-    if spec.nproc_per_node < 1 or spec.nnodes < 1:
-        raise ConfigError("--gpus/--nproc and --nnodes must be at least 1")
-    if not 0 <= spec.node_rank < spec.nnodes:
-        raise ConfigError(f"--node-rank {spec.node_rank}: must be between 0 and {spec.nnodes - 1}")
-    cmd = [sys.executable, "-m", "llavamed_core.train._torchrun", f"--nproc_per_node={spec.nproc_per_node}",
-           f"--nnodes={spec.nnodes}", f"--node_rank={spec.node_rank}",
-           f"--master_addr={spec.master_addr}", f"--master_port={spec.master_port}"]
-    return [*cmd, "-m", module, *module_args]
-
-
-def launch(spec: LaunchSpec, module_args: list[str], device: str = "cpu", env: dict[str, str] | None = None) -> int:
-    """Run the command under torchrun and wait; returns its exit status.
-
-    Args:
-        spec: torchrun's settings.
-        module_args: the command line for ``python -m llavamed_cli.main``.
-        device: ``"cpu"`` (gloo) or ``"cuda"``; the children read it from :data:`LAUNCHED_ENV`.
-        env: more environment variables for the children.
-
-    The children inherit this environment plus :data:`LAUNCHED_ENV`; their stdout and stderr are
-    this process's (only rank 0 prints).
-    """
-    child_env = dict(os.environ, **(env or {}))
-    child_env[LAUNCHED_ENV] = device
-    child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, spec.nproc_per_node))))
-    proc = subprocess.Popen(torchrun_command(spec, module_args), env=child_env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
-        raise

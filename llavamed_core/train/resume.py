@@ -16,7 +16,8 @@ and so are the names in DeepSpeed's LoRA model states and FSDP's full-state file
 loaders would let pass (DeepSpeed loads full weights strictly itself).
 
 The stock length-grouped sampler draws each epoch's order from the global random state, which a
-resumed run cannot reproduce; :func:`make_length_grouped_sampler` seeds it with the seed and the epoch.
+resumed run cannot reproduce; :class:`~llavamed_core.train.trainer.EpochSeededLengthGroupedSampler`
+seeds it with the seed and the epoch.
 
 :func:`check_resume_checkpoint` looks at a checkpoint before any work starts: it must be of the
 kind the run writes (DeepSpeed, FSDP, LoRA or full weights) and every file must be whole (a
@@ -34,8 +35,7 @@ from ..errors import LlavamedError, TrainingError
 from ..model.checkpoint import safetensors_problem
 
 __all__ = ["check_resume_checkpoint", "load_full_weights", "load_adapter_weights", "check_fsdp_keys",
-           "check_deepspeed_adapter_keys", "resume_error",
-           "make_length_grouped_sampler"]
+           "check_deepspeed_adapter_keys", "resume_error"]
 
 _HINT_SETTINGS = ("resume with the settings that wrote it (same --model, stage, --lora and "
                   "--deepspeed/--fsdp; the run folder's train_config.json lists them), or start over with --overwrite")
@@ -349,33 +349,3 @@ def load_adapter_weights(model: Any, ckpt: Path) -> None:
     bad += [k for k, v in saved.items() if not torch.equal(now[k].detach().cpu(), v.to(now[k].dtype))]
     if bad:
         raise _mismatch(ckpt, "adapter weights", [], bad)
-
-
-# -- data order -------------------------------------------------------------------------------
-
-
-def make_length_grouped_sampler(batch_size: int, lengths: list[int], seed: int) -> Any:
-    """A length-grouped sampler whose order depends only on ``seed`` and the epoch.
-
-    The stock ``LengthGroupedSampler`` draws its permutation from the global torch generator when
-    an epoch starts: a run resumed in the middle of epoch ``e`` would draw it from another state
-    than the uninterrupted run did, and see other batches. The Trainer calls ``set_epoch`` at every
-    epoch start, before it skips the batches already trained.
-    """
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-        def __init__(self) -> None:
-            super().__init__(batch_size, lengths=lengths)
-            self.seed = seed
-            self.epoch = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = int(epoch)
-
-        def __iter__(self) -> Any:
-            self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            return super().__iter__()
-
-    return EpochSeededLengthGroupedSampler()

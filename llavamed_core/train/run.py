@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
+import random
 import re
 import shutil
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,13 @@ from .dataset import PackingCollator, PaddingCollator, build_dataset, load_train
 from .parallel import (deepspeed_config, engage_fsdp_on_cpu, fsdp_config, fsdp_wrap_classes, mechanism_report,
                        single_process_world, world_info)
 
-__all__ = ["TrainResult", "train", "apply_stage_freezing", "find_resume_checkpoint", "complete_checkpoints"]
+__all__ = ["TrainResult", "train", "apply_stage_freezing", "find_resume_checkpoint", "complete_checkpoints",
+           "split_eval", "count_trainable_by_part", "EVAL_RECORDS_FILE"]
 
 _PAPER_MAX_LENGTH = 2048
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+EVAL_RECORDS_FILE = "eval_records.json"
+"""Written beside the output with ``--eval-split``: the ids of the held-out records."""
 
 
 @dataclass
@@ -71,7 +73,16 @@ class TrainResult:
         merged: for LoRA runs, whether the adapters were merged into the output.
         mechanism: what the training loop ran with, read from the prepared model
             (:func:`~llavamed_core.train.parallel.mechanism_report`: DDP/FSDP2/DeepSpeed stage,
-            sharded parameters, LoRA adapters, 4-bit layers); also ``<run dir>/mechanism.json``.
+            sharded parameters, LoRA adapters, 4-bit layers, trainable parameters per part);
+            also ``<run dir>/mechanism.json``.
+        trainable_by_part: trainable parameters of the vision tower, the projector and the
+            language model (LoRA adapters count with the part they adapt).
+        eval_loss: the mean token loss over the eval records at the end (``--eval-data``/``--eval-split``).
+        eval_samples: eval records (after dropping over-long ones).
+        history_path: ``history.jsonl`` beside the output: one line per logged step and evaluation.
+        plot_path: ``loss.png`` beside the output (``None`` without matplotlib).
+        loss_sparkline: the loss over the run as one line of ``▁▂▃▄▅▆▇█``.
+        warnings: things the user should know that did not stop the run (one line each).
     """
 
     out: Path
@@ -97,6 +108,20 @@ class TrainResult:
     projector_path: Path | None = None
     merged: bool | None = None
     mechanism: dict | None = None
+    trainable_by_part: dict | None = None
+    eval_loss: float | None = None
+    eval_samples: int = 0
+    history_path: Path | None = None
+    plot_path: Path | None = None
+    loss_sparkline: str = ""
+    warnings: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A result read back from JSON (a torchrun launch) has its paths as strings.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and "Path" in str(f.type) and f.name != "stage":
+                setattr(self, f.name, Path(value))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -104,15 +129,18 @@ class TrainResult:
 
 
 def apply_stage_freezing(model: Any, trainable: tuple[str, ...]) -> None:
-    """Freeze everything, then unfreeze what the stage trains.
+    """Freeze everything, then unfreeze the parts that train.
 
     Args:
         model: a ``LlavaForConditionalGeneration``.
-        trainable: parts that train: ``"projector"``, ``"language_model"``. The vision tower never
-            trains (the paper keeps CLIP frozen in every stage). A ``"linear"`` projector keeps
-            ``linear_2`` frozen at the identity, so it stays the paper's single linear layer.
+        trainable: parts that train: ``"vision_tower"``, ``"projector"``, ``"language_model"``
+            (:meth:`TrainConfig.trainable_parts`; the paper keeps the vision tower frozen in every
+            stage). A ``"linear"`` projector keeps ``linear_2`` frozen at the identity, so it stays
+            the paper's single linear layer.
     """
     model.requires_grad_(False)
+    if "vision_tower" in trainable:
+        model.model.vision_tower.requires_grad_(True)
     projector = model.model.multi_modal_projector
     if "projector" in trainable:
         projector.requires_grad_(True)
@@ -228,8 +256,9 @@ def _training_arguments(cfg: TrainConfig, plan: BatchPlan, device: str, world_si
         remove_unused_columns=False,
         disable_tqdm=True,
         use_cpu=not cuda,
-        # The vision tower is frozen in every stage, so every trained parameter gets a gradient.
-        ddp_find_unused_parameters=False,
+        # Every trained parameter gets a gradient, except the vision tower's last layer and final
+        # norm (the features come from the second-to-last layer) when --train-vision trains it.
+        ddp_find_unused_parameters="vision_tower" in cfg.trainable_parts(),
         optim="adamw_torch_fused" if cuda and cfg.deepspeed is None else "adamw_torch",
         save_only_model=False,
     )
@@ -250,6 +279,9 @@ def _training_arguments(cfg: TrainConfig, plan: BatchPlan, device: str, world_si
     if cfg.fsdp:
         kw["fsdp"] = True
         kw["fsdp_config"] = fsdp_config(fsdp_wrap_classes(cfg.model))
+    if cfg.eval_data is not None or cfg.eval_split is not None:
+        # The eval loss is measured right before each save (so it is the saved weights'), and at the end.
+        kw.update(eval_strategy="steps", eval_steps=cfg.save_steps, per_device_eval_batch_size=plan.per_device)
     if cfg.qlora and (cfg.fsdp or cfg.deepspeed is not None):
         raise ConfigError("--qlora with --fsdp/--deepspeed is not supported (4-bit weights do not shard)",
                           "use --qlora with plain data parallelism (--gpus N), or --lora with --fsdp/--deepspeed")
@@ -312,139 +344,49 @@ def _count_params(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+def _part_of(name: str) -> str:
+    """The part of the model a parameter belongs to, by its name (PEFT's prefixes included)."""
+    if "vision_tower" in name:
+        return "vision_tower"
+    if "multi_modal_projector" in name:
+        return "projector"
+    return "language_model"
+
+
+def count_trainable_by_part(model: Any) -> dict[str, int]:
+    """Trainable parameters per part: ``{"vision_tower": n, "projector": n, "language_model": n}``
+    (the logical count, as :func:`_count_params`; LoRA adapters count with the part they adapt)."""
+    counts = {"vision_tower": 0, "projector": 0, "language_model": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts[_part_of(name)] += int(getattr(p, "ds_numel", 0) or p.numel())
+    return counts
+
+
+def split_eval(convs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of the records (at least one, at most all but one) for the eval loss.
+
+    The choice depends on ``seed`` and the number of records alone; both parts keep the file's order.
+
+    Returns:
+        ``(train, eval)``.
+
+    Raises:
+        ConfigError: fewer than two records.
+    """
+    if len(convs) < 2:
+        raise ConfigError(f"--eval-split {fraction}: {len(convs)} record(s) cannot be split into training and eval",
+                          "give more records, or an eval file with --eval-data")
+    n_eval = min(len(convs) - 1, max(1, round(fraction * len(convs))))
+    held = set(random.Random(seed).sample(range(len(convs)), n_eval))
+    return ([c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held])
 
 
 def _make_trainer_classes() -> tuple[type, type, type]:
-    """The Trainer subclass and its callbacks (built here so transformers loads lazily)."""
-    from transformers import Trainer, TrainerCallback
-
-    from .resume import check_fsdp_keys, load_adapter_weights, load_full_weights, make_length_grouped_sampler
-
-    class LlavaTrainer(Trainer):
-        """Trainer with length-grouped batches from precomputed lengths and token accounting."""
-
-        def __init__(self, *args: Any, lengths: list[int] | None = None, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.lengths = lengths
-            self.length_sampler: Any = None
-            self.add_callback(SamplerEpoch(self))
-            self.real_tokens: Any = 0
-            self.padded_tokens = 0
-
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            # The stock sampler would read every item (loading every image) to learn the lengths.
-            grouped = (getattr(self.args, "train_sampling_strategy", None) == "group_by_length"
-                       or getattr(self.args, "group_by_length", False))
-            if grouped and self.lengths is not None:
-                # The order depends on the seed and the epoch alone, so a resumed run sees the same batches.
-                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                self.length_sampler = make_length_grouped_sampler(
-                    self.args.train_batch_size * self.args.gradient_accumulation_steps, self.lengths, seed)
-                return self.length_sampler
-            return super()._get_train_sampler(train_dataset)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            # The stock loader compares the saved (Hub layout) names with the live ones, loads what
-            # matches (nothing) and logs a warning; this one maps the names and loads strictly.
-            # DeepSpeed resumes through its engine instead (strict for full weights); FSDP through
-            # accelerate's sharded loader.
-            from peft import PeftModel
-
-            target = self.accelerator.unwrap_model(model if model is not None else self.model)
-            if self.is_fsdp_enabled:
-                # accelerate's FSDP2 loader ignores missing keys (and, for LoRA, unexpected ones).
-                check_fsdp_keys(model if model is not None else self.model, Path(resume_from_checkpoint),
-                                adapter_only=isinstance(target, PeftModel))
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            if isinstance(target, PeftModel):
-                load_adapter_weights(target, Path(resume_from_checkpoint))
-            else:
-                load_full_weights(target, Path(resume_from_checkpoint))
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            packed = inputs.pop("num_real_tokens", None)  # PackingCollator: a packed row, no mask
-            mask = inputs.get("attention_mask")
-            if packed is not None and model.training:
-                self.real_tokens = packed.sum() + self.real_tokens
-                self.padded_tokens += inputs["input_ids"].numel()
-            elif mask is not None and model.training:
-                self.real_tokens = mask.sum() + self.real_tokens  # a tensor: no device sync per step
-                self.padded_tokens += mask.numel()
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-        def token_counts(self) -> tuple[int, int]:
-            """``(non-padding, all)`` token positions trained this session, over all processes."""
-            import torch
-
-            dev = self.args.device
-            t = torch.tensor([float(self.real_tokens), float(self.padded_tokens)], device=dev)
-            if self.args.world_size > 1:
-                t = self.accelerator.reduce(t, reduction="sum")
-            return int(t[0].item()), int(t[1].item())
-
-    class SamplerEpoch(TrainerCallback):
-        """Tell the length-grouped sampler which epoch starts. The Trainer's own ``set_epoch`` does
-        not reach it in a resumed distributed run (accelerate's batch skipper wraps the batch
-        sharder, which wraps the sampler); a resumed run's state holds the epoch it stopped in."""
-
-        def __init__(self, trainer: Any):
-            self.trainer = trainer
-
-        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.trainer.length_sampler is not None:
-                self.trainer.length_sampler.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
-
-    class ProgressReporter(TrainerCallback):
-        """Turns the Trainer's logs into ``train`` progress events (rank 0 only)."""
-
-        def __init__(self, progress: ProgressCallback | None, global_batch: int):
-            self.progress = progress
-            self.global_batch = global_batch
-            self.t0 = time.monotonic()
-            self.step0 = 0
-            self.last: dict[str, Any] = {}
-            self.began = False  # set once a resumed run's checkpoint has loaded (weights, optimizer)
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.began = True
-            self.t0 = time.monotonic()
-            self.step0 = state.global_step
-            if state.is_world_process_zero:
-                emit(self.progress, "train", state.global_step, state.max_steps, unit="step")
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
-                return
-            elapsed = max(1e-9, time.monotonic() - self.t0)
-            done = max(1, state.global_step - self.step0)
-            info = {"loss": round(float(logs["loss"]), 4), "lr": logs.get("learning_rate"),
-                    "samples/s": round(done * self.global_batch / elapsed, 2),
-                    "eta": _format_duration((state.max_steps - state.global_step) * elapsed / done)}
-            self.last = {k: v for k, v in info.items() if k != "eta"}
-            emit(self.progress, "train", state.global_step, state.max_steps, unit="step", **info)
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.is_world_process_zero:
-                emit(self.progress, "train", state.global_step, state.max_steps, unit="step", finished=True,
-                     **self.last)
-
-    class NoExtraFinalSave(TrainerCallback):
-        """Skip the Trainer's own save at the last step unless it falls on ``save_steps``: the
-        output checkpoint is written by llavamed right after, and for a 7B model the Trainer's
-        copy (weights and optimizer state) would cost minutes and ~100 GB."""
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            every = state.save_steps
-            if (str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps"
-                    and state.global_step >= state.max_steps and every and state.global_step % every):
-                control.should_save = False
+    """The Trainer subclass and two of its callbacks, from :mod:`llavamed_core.train.trainer`
+    (imported here so that transformers loads only when training starts; benchmarks/gpu_suite.py
+    wraps this function to time the steps)."""
+    from .trainer import LlavaTrainer, NoExtraFinalSave, ProgressReporter
 
     return LlavaTrainer, ProgressReporter, NoExtraFinalSave
 
@@ -478,7 +420,8 @@ def train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainRe
     # in the run folder goes (logs asked for with --report-to stay), then the folder if empty.
     run_dir = cfg.resolved_run_dir
     if not cfg.keep_checkpoints and world_info().is_main and (cfg.out / "train_config.json").exists():
-        for p in [*run_dir.glob("checkpoint-*"), run_dir / "train_config.json", run_dir / "mechanism.json"]:
+        for p in [*run_dir.glob("checkpoint-*"), run_dir / "train_config.json", run_dir / "mechanism.json",
+                  run_dir / "history.jsonl"]:  # history.jsonl is copied beside the output
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # only when empty
@@ -502,6 +445,9 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
         TrainingError: the run failed (out of memory, …).
     """
     cfg.check()
+    from ..model.hub import resolve_model
+
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))  # a Hub id: its snapshot in the cache
     from .preflight import check_before_training
     check_before_training(cfg)  # --report-to installed; --out/--run-dir clear of the inputs
     world = world_info()
@@ -518,26 +464,45 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     model_config = AutoConfig.from_pretrained(cfg.model)
     max_length = cfg.max_length or _default_max_length(model_config)
     convs = load_training_conversations(cfg.data, cfg.images, check_images=cfg.check_images, progress=progress)
+    eval_convs = None
+    if cfg.eval_split is not None:
+        convs, eval_convs = split_eval(convs, cfg.eval_split, cfg.seed)
+    elif cfg.eval_data is not None:
+        eval_convs = load_training_conversations(cfg.eval_data, cfg.images, check_images=cfg.check_images,
+                                                 progress=progress)
     dataset, stats = build_dataset(convs, processor, cfg.images, max_length, cfg.on_long, cfg.data, progress)
-    del convs
+    eval_dataset = None
+    if eval_convs is not None:
+        eval_dataset, _ = build_dataset(eval_convs, processor, cfg.images, max_length, cfg.on_long,
+                                        cfg.eval_data or cfg.data, progress)
+        if not len(eval_dataset):
+            raise DataError(f"{cfg.eval_data or cfg.data}: every eval record is longer than --max-length {max_length}",
+                            "raise --max-length, or give other eval records")
+    eval_ids = [c.id for c in eval_convs] if cfg.eval_split is not None else None
+    del convs, eval_convs
     plan = plan_batch(cfg.resolved_global_batch(), world.world_size, cfg.per_device_batch,
                       cfg.preset.per_device_batch)
     args = _training_arguments(cfg, plan, device, world.world_size)  # before the model: ZeRO-3 init
     model = _load_model(cfg, device, args)
     save_dtype = _checkpoint_dtype(cfg.model)
     linear_projector = getattr(model.config, "projector_hidden_act", None) == "linear"
-    apply_stage_freezing(model, cfg.preset.trainable)
+    parts = cfg.trainable_parts()
+    apply_stage_freezing(model, parts)
     lora_cfg = None
     if cfg.lora or cfg.qlora:
-        from .lora import lora_config, wrap_lora
+        from .lora import lora_config, lora_targets, wrap_lora
 
         if cfg.qlora:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        lora_cfg = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        full = tuple(m for part, m in (("projector", "multi_modal_projector"), ("vision_tower", "vision_tower"))
+                     if part in parts)  # trained in full beside the adapters
+        lora_cfg = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, lora_targets(model, cfg.lora_target),
+                               dora=cfg.dora, rslora=cfg.rslora, modules_to_save=full)
         model = wrap_lora(model, lora_cfg, linear_projector)
     trainable, total = _count_params(model)
+    by_part = count_trainable_by_part(model)
 
     resolved = dataclasses.replace(cfg, epochs=cfg.resolved_epochs(), learning_rate=cfg.resolved_learning_rate(),
                                    global_batch=plan.global_batch, per_device_batch=plan.per_device,
@@ -552,13 +517,17 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
         atomic_write_json(run_dir / "train_config.json", config_dict)
 
     LlavaTrainer, ProgressReporter, NoExtraFinalSave = _make_trainer_classes()
-    if cfg.packing:  # samples end to end in rows, attention kept within each sample
-        collator = PackingCollator(processor.tokenizer.pad_token_id, None, 8 if device.startswith("cuda") else None)
-    else:
-        collator = PaddingCollator(processor.tokenizer.pad_token_id, 8 if device.startswith("cuda") else None)
-    trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                           processing_class=processor, lengths=dataset.lengths,
-                           callbacks=[ProgressReporter(progress, plan.global_batch), NoExtraFinalSave()])
+    from .trainer import HistoryWriter
+
+    pad_to = 8 if device.startswith("cuda") else None
+    padding = PaddingCollator(processor.tokenizer.pad_token_id, pad_to)
+    # samples end to end in rows, attention kept within each sample
+    collator = PackingCollator(processor.tokenizer.pad_token_id, None, pad_to) if cfg.packing else padding
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                           data_collator=collator, eval_collator=padding, processing_class=processor,
+                           lengths=dataset.lengths,
+                           callbacks=[ProgressReporter(progress, plan.global_batch), NoExtraFinalSave(),
+                                      HistoryWriter(cfg.resolved_run_dir)])
     trainer.remove_callback(PrinterCallback)
     if cfg.fsdp:
         engage_fsdp_on_cpu(trainer)  # accelerate engages FSDP by itself on GPUs only
@@ -584,8 +553,15 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
             raise resume_error(resume_from, exc) from None
         raise
 
+    eval_loss = None
+    if eval_dataset is not None:
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if not evals or evals[-1]["step"] != trainer.state.global_step:  # the last step was not a save
+            evals.append(trainer.evaluate())
+        eval_loss = float(evals[-1]["eval_loss"])
     real, padded = trainer.token_counts()
     mechanism = mechanism_report(trainer)
+    mechanism["trainable_params_by_part"] = by_part
     if world.is_main:
         atomic_write_json(cfg.resolved_run_dir / "mechanism.json", mechanism)
     runtime = float(output.metrics.get("train_runtime", 0.0))
@@ -599,9 +575,28 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
         world_size=world.world_size, global_batch=plan.global_batch, per_device_batch=plan.per_device,
         grad_accum=plan.grad_accum, learning_rate=cfg.resolved_learning_rate(), trainable_params=trainable,
         total_params=total, padding_share=(1 - real / padded) if padded else None,
-        merged=(cfg.merge if lora_cfg is not None else None), mechanism=mechanism)
+        merged=(cfg.merge if lora_cfg is not None else None), mechanism=mechanism, trainable_by_part=by_part,
+        eval_loss=eval_loss, eval_samples=len(eval_dataset) if eval_dataset is not None else 0)
     _write_outputs(cfg, trainer, processor, lora_cfg, linear_projector, save_dtype, config_dict, args, result)
+    if world.is_main:
+        _write_history(cfg, trainer, result, eval_ids)
     return result
+
+
+def _write_history(cfg: TrainConfig, trainer: Any, result: TrainResult, eval_ids: list | None) -> None:
+    """``history.jsonl`` and ``loss.png`` beside the output (each file written atomically), the
+    held-out record ids with ``--eval-split``, and the loss sparkline."""
+    from .history import HISTORY_FILE, PLOT_FILE, history_rows, plot_history, sparkline, write_history
+
+    rows = history_rows(trainer.state.log_history)  # what run_dir/history.jsonl holds, row for row
+    result.history_path = write_history(cfg.out / HISTORY_FILE, rows)
+    result.loss_sparkline = sparkline([r.get("loss") for r in rows if "loss" in r])
+    result.plot_path = plot_history(rows, cfg.out / PLOT_FILE, title=f"train {cfg.stage}: {cfg.out.name}")
+    if result.plot_path is None:
+        result.warnings.append("no loss.png: matplotlib is not installed (pip install 'llavamed[plot]')")
+    if eval_ids is not None:
+        atomic_write_json(cfg.out / EVAL_RECORDS_FILE, {"eval_split": cfg.eval_split, "seed": cfg.seed,
+                                                         "ids": eval_ids})
 
 
 def _checkpoint_dtype(model_dir: Path) -> Any:
@@ -636,11 +631,19 @@ def _write_outputs(cfg: TrainConfig, trainer: Any, processor: Any, lora_cfg: Any
     extra = {"train_config.json": config_dict, "training_args.json": json.loads(args.to_json_string())}
     if acc.is_main_process:
         if lora_cfg is not None and not cfg.merge:
+            from ..model.checkpoint import save_processor
+            from ..model.compat import finalize_checkpoint_files
+            from ..model.templates import STOP_STRINGS
+
             with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=state)  # PEFT keeps the adapter's part
-                processor.save_pretrained(tmp)
+                save_processor(processor, tmp)
                 for name, obj in extra.items():
                     atomic_write_json(tmp / name, obj)
+                # Tokenizer side files that transformers 4.x also loads, and the template's stop
+                # strings, as save_checkpoint writes them for a full checkpoint.
+                template = (getattr(unwrapped.config, "llavamed", None) or {}).get("template")
+                finalize_checkpoint_files(tmp, STOP_STRINGS.get(template))
         else:
             if lora_cfg is not None:
                 if sharded or cfg.qlora:
@@ -662,9 +665,9 @@ def _write_outputs(cfg: TrainConfig, trainer: Any, processor: Any, lora_cfg: Any
                 host = unwrapped
             host = host.to(save_dtype)
             save_checkpoint(host, processor, cfg.out, overwrite=cfg.overwrite, extra_json=extra)
-            if not cfg.preset.trains_language_model:
+            if not cfg.trains_language_model:
                 result.projector_path = _save_projector(
                     {hub_key(k): v.detach().cpu() for k, v in host.state_dict().items()}, cfg.out)
-    elif not cfg.preset.trains_language_model:
+    elif not cfg.trains_language_model:
         result.projector_path = cfg.out / "mm_projector.safetensors"
     acc.wait_for_everyone()

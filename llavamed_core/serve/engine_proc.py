@@ -1,0 +1,308 @@
+"""The engine in a process of its own: the model and the decode loop apart from the HTTP server.
+
+The split vLLM V1 makes between its API server and its EngineCore: the API process parses
+requests, decodes images, renders prompts and tokenises (with a :class:`~llavamed_core.infer.
+engine.Preparer` built from the engine's own processor); the engine process (``spawn``) runs the
+continuous-batching :class:`~.scheduler.BatchScheduler` over the model and nothing else, so the
+HTTP event loop never competes with the decode loop for one interpreter lock.
+
+They talk through two ``multiprocessing`` queues: ``submit``/``cancel``/``close`` go down;
+``ready``/``failed`` (once, after loading), then ``delta``/``done``/``error`` per job come up,
+each ``done``/``error`` with the scheduler's counters. A reader thread in the API process hands
+each event to its job's sink, the same ``sink(kind, payload)`` the in-process scheduler calls.
+
+If the engine process dies, every request in flight gets :class:`EngineDied` (503), the reason
+is logged once, and :attr:`EngineProcess.failure` says so (``/health`` 503, new requests 503):
+never a hang.
+
+Use (what :class:`~.native.NativeBackend` does when no engine is handed to it)::
+
+    proc = EngineProcess(config)
+    preparer = proc.start()              # blocks until the model is loaded in the child
+    job = proc.submit(prepared_request, sink, stream=True)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import LlavamedError, ModelError
+from .config import ServeConfig
+from .scheduler import Job, QueueFull, SchedulerClosed, SchedulerStats
+
+__all__ = ["EngineProcess", "EngineDied", "RemoteJob"]
+
+log = logging.getLogger("llavamed.serve")
+
+_POLL_S = 0.5
+"""How often the API side checks that the engine process still runs while it waits."""
+
+
+class EngineDied(Exception):
+    """The engine process stopped; the request cannot be answered."""
+
+
+@dataclass
+class RemoteJob(Job):
+    """A job whose request runs in the engine process; :meth:`cancel` tells that process."""
+
+    job_id: int = 0
+    on_cancel: Any = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        """Give up on this job: dropped if queued, stopped at the next token if running."""
+        if not self.cancelled and self.on_cancel is not None:
+            self.on_cancel(self.job_id)
+        self.cancelled = True
+
+
+class EngineProcess:
+    """The API side of an engine process; submit jobs as to a :class:`~.scheduler.BatchScheduler`.
+
+    Args:
+        config: the server settings (model, device, batching, queue).
+    """
+
+    def __init__(self, config: ServeConfig):
+        import multiprocessing as mp
+
+        self.config = config
+        self.max_queue = config.limits.max_queue
+        self.stats = SchedulerStats()
+        self.failure: str | None = None
+        """Why the engine process stopped, once it did."""
+        self.queued = 0
+        """Requests waiting in the engine process for a row (as of its last report)."""
+        self._ctx = mp.get_context("spawn")
+        self._down: Any = self._ctx.Queue()
+        self._up: Any = self._ctx.Queue()
+        self._proc: Any = None
+        self._jobs: dict[int, RemoteJob] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine process runs and takes requests."""
+        return self.failure is None and not self._closing and self._proc is not None \
+            and self._proc.is_alive()
+
+    def start(self) -> Any:
+        """Start the engine process and wait until its model is loaded (blocking).
+
+        Returns:
+            A :class:`~llavamed_core.infer.engine.Preparer` on the engine's processor.
+
+        Raises:
+            ModelError: the model did not load (the child's error), or the process died.
+        """
+        from ..infer.engine import Preparer
+
+        self._proc = self._ctx.Process(target=_engine_main, args=(self.config, self._down, self._up),
+                                       name="llavamed-engine", daemon=True)
+        self._proc.start()
+        while True:
+            try:
+                msg = self._up.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise ModelError(f"the engine process exited with code {self._proc.exitcode} "
+                                     f"while loading {self.config.model}",
+                                     "rerun with LLAVAMED_DEBUG=1 for its traceback") from None
+                continue
+            if msg[0] == "failed":
+                self._proc.join(10)
+                raise _rebuild(msg[1])
+            if msg[0] == "ready":
+                info = msg[1]
+                break
+        self._reader = threading.Thread(target=self._read, name="llavamed-engine-reader", daemon=True)
+        self._reader.start()
+        return Preparer(info["processor"], info["context_length"])
+
+    def submit(self, request: Any, sink: Any, stream: bool = False) -> RemoteJob:
+        """Send a prepared request to the engine process.
+
+        Raises:
+            QueueFull: ``max_queue`` requests wait beyond the rows of a full batch.
+            SchedulerClosed: the server is shutting down.
+            EngineDied: the engine process stopped.
+        """
+        if self._closing:
+            raise SchedulerClosed()
+        if self.failure is not None:
+            raise EngineDied(self.failure)
+        with self._lock:
+            if len(self._jobs) >= self.max_queue + self.config.max_batch:
+                raise QueueFull()
+            job = RemoteJob(request=request, sink=sink, stream=stream, job_id=next(self._ids),
+                            on_cancel=self._cancel)
+            self._jobs[job.job_id] = job
+        self._down.put(("submit", job.job_id, request, stream))
+        return job
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the engine process: queued requests get 503, running ones finish (up to ``timeout``)."""
+        if self._proc is None or self._closing:
+            self._closing = True
+            return
+        self._closing = True
+        if self._proc.is_alive():
+            self._down.put(("close",))
+            self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(10)
+        if self._reader is not None:
+            self._reader.join(timeout)
+        self._fail_all(SchedulerClosed())
+        for q in (self._down, self._up):
+            q.close()
+            q.cancel_join_thread()
+
+    # ------------------------------------------------------------------ internals
+    def _cancel(self, job_id: int) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._down.put(("cancel", job_id))
+
+    def _read(self) -> None:
+        """Hand the engine process's events to their jobs until it closes or dies."""
+        while True:
+            try:
+                msg = self._up.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    self._died()
+                    return
+                continue
+            except (EOFError, OSError):
+                self._died()
+                return
+            kind = msg[0]
+            if kind == "closed":
+                return
+            job = self._jobs.get(msg[1])
+            if kind == "delta":
+                if job is not None:
+                    _call(job, "delta", msg[2])
+                continue
+            with self._lock:
+                self._jobs.pop(msg[1], None)
+            self.stats = SchedulerStats(**msg[3]["stats"])
+            self.queued = msg[3]["queued"]
+            if job is None:
+                continue
+            job.started_at, job.finished_at, job.batch_size = msg[3]["timing"]
+            _call(job, kind, msg[2] if kind == "done" else _rebuild(msg[2]))
+
+    def _died(self) -> None:
+        if self._closing:
+            return
+        code = self._proc.exitcode
+        self.failure = (f"the engine process stopped (exit code {code}); restart the server")
+        log.error("%s; %d request(s) in flight get 503", self.failure, len(self._jobs))
+        self._fail_all(EngineDied(self.failure))
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+        for job in jobs:
+            _call(job, "error", exc)
+
+
+def _call(job: Job, kind: str, payload: Any) -> None:
+    try:
+        job.sink(kind, payload)
+    except Exception:  # a broken sink (closed event loop) must not stop the reader
+        log.debug("could not deliver %s to a job", kind, exc_info=True)
+        job.cancelled = True
+
+
+def _describe(exc: BaseException) -> dict:
+    """An exception as plain data (custom exceptions need not pickle)."""
+    if isinstance(exc, LlavamedError):
+        return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint, "ours": True}
+    if isinstance(exc, SchedulerClosed):
+        return {"type": "SchedulerClosed", "message": "", "hint": None, "ours": False}
+    return {"type": type(exc).__name__, "message": str(exc), "hint": None, "ours": False}
+
+
+def _rebuild(info: dict) -> Exception:
+    """The exception :func:`_describe` described (an unknown type becomes a ``RuntimeError``)."""
+    from .. import errors
+
+    if info["ours"]:
+        cls = getattr(errors, info["type"], None)
+        if isinstance(cls, type) and issubclass(cls, LlavamedError):
+            return cls(info["message"], info["hint"])
+        return ModelError(info["message"], info["hint"])
+    if info["type"] == "SchedulerClosed":
+        return SchedulerClosed()
+    return RuntimeError(f"{info['type']}: {info['message']}")
+
+
+# ---------------------------------------------------------------------- the engine process
+def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
+    """The engine process: load the model, then run jobs from ``down`` until told to close."""
+    import os
+
+    from ..infer.engine import Engine
+    from .scheduler import BatchScheduler
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.DEBUG if os.environ.get("LLAVAMED_DEBUG") else logging.INFO)
+    try:
+        engine = Engine.load(config.model, device=config.device, dtype=config.dtype,
+                             attn_implementation=config.attn_implementation)
+    except Exception as exc:  # reported to the API process, which stops the server with one line
+        if not isinstance(exc, LlavamedError):
+            logging.getLogger("llavamed.serve").debug("loading failed", exc_info=True)
+            exc = ModelError(f"{config.model}: loading failed ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                             "rerun with LLAVAMED_DEBUG=1 for the traceback")
+        up.put(("failed", _describe(exc)))
+        return
+    sched = BatchScheduler(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                           max_queue=config.limits.max_queue + config.max_batch)
+    jobs: dict[int, Job] = {}
+
+    def sink_for(job_id: int) -> Any:
+        def sink(kind: str, payload: Any) -> None:
+            if kind == "delta":
+                up.put(("delta", job_id, payload))
+                return
+            job = jobs.pop(job_id, None)
+            info = {"stats": asdict(sched.stats), "queued": sched.queued,
+                    "timing": (job.started_at, job.finished_at, job.batch_size) if job else (None, None, 0)}
+            up.put((kind, job_id, payload if kind == "done" else _describe(payload), info))
+        return sink
+
+    up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length}))
+    while True:
+        msg = down.get()
+        if msg[0] == "submit":
+            _, job_id, request, stream = msg
+            try:
+                jobs[job_id] = sched.submit(request, sink_for(job_id), stream=stream)
+            except (QueueFull, SchedulerClosed) as exc:
+                sink_for(job_id)("error", exc)
+        elif msg[0] == "cancel":
+            job = jobs.get(msg[1])
+            if job is not None:
+                job.cancel()
+        elif msg[0] == "close":
+            sched.close()
+            up.put(("closed",))
+            return

@@ -1,0 +1,218 @@
+"""The serving engine on the real tiny checkpoint: iteration-level batching and penalties.
+
+- Rows admitted into a running batch at different steps, with different prompt lengths, images
+  and limits, give exactly the answers they give alone (greedy and seeded sampling), stream
+  deltas that add up to their text, and leave the batch as they finish.
+- The scheduler lets a short request join a batch of long answers and finish first; a cancelled
+  row leaves without touching the others.
+- Frequency, presence and repetition penalties match a straight implementation of vLLM's formula
+  on logits, and end to end a cache-less decode loop that applies that formula; a penalised
+  request answers the same in a batch as alone.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from serve_helpers import random_image, tiny_engine  # noqa: F401  (tiny_engine is a fixture)
+
+
+def _request(i: int, max_new_tokens: int = 12, image: bool = True, words: int = 0, **params):
+    from llavamed_core.infer import ChatRequest, GenerationParams
+
+    text = f"Finding {i}?" + " and more" * words
+    content = [{"type": "image", "image": random_image(i)}, {"type": "text", "text": text}] if image else text
+    return ChatRequest([{"role": "user", "content": content}],
+                       GenerationParams(max_new_tokens=max_new_tokens, **params))
+
+
+# ----------------------------------------------------------------------------- admission
+def test_rows_joining_at_different_steps_answer_as_alone(tiny_engine):
+    requests = [
+        _request(0, max_new_tokens=20),
+        _request(1, max_new_tokens=6, image=False, words=9),
+        _request(2, max_new_tokens=14, words=3, temperature=0.9, seed=5),
+        _request(3, max_new_tokens=9, image=False),
+        _request(4, max_new_tokens=16, words=6),
+    ]
+    alone = [tiny_engine.generate([r])[0] for r in requests]
+    # When each request joins the running batch: two at the start, then at steps 2, 3 and 7.
+    joins = {0: [0, 1], 2: [2], 3: [3], 7: [4]}
+    deltas: dict[int, list[str]] = {}
+    results = {}
+    batch = tiny_engine.running_batch(lambda k, d: deltas.setdefault(k, []).append(d), None)
+    sizes = []
+    step = 0
+    with tiny_engine._lock:
+        while step == 0 or batch.rows or any(s > step for s in joins):
+            if step in joins:
+                results.update(batch.admit([(k, requests[k]) for k in joins[step]]))
+            sizes.append(len(batch.rows))
+            results.update(batch.step())
+            step += 1
+    assert [results[k].text for k in range(5)] == [a.text for a in alone]
+    assert [results[k].finish_reason for k in range(5)] == [a.finish_reason for a in alone]
+    assert [results[k].completion_tokens for k in range(5)] == [a.completion_tokens for a in alone]
+    assert [results[k].prompt_tokens for k in range(5)] == [a.prompt_tokens for a in alone]
+    assert ["".join(deltas.get(k, [])) for k in range(5)] == [a.text for a in alone]
+    assert max(sizes) >= 4 and sizes[-1] <= 1  # rows ran together, then left as they finished
+    assert len({a.text for a in alone}) == 5
+
+
+def test_admission_failure_leaves_the_running_rows_alone(tiny_engine):
+    from llavamed_core.errors import ConfigError
+
+    ref = tiny_engine.generate([_request(0, max_new_tokens=10)])[0]
+    results = {}
+    batch = tiny_engine.running_batch()
+    with tiny_engine._lock:
+        results.update(batch.admit([("a", _request(0, max_new_tokens=10))]))
+        results.update(batch.step())
+        with pytest.raises(ConfigError, match="max_new_tokens"):
+            batch.admit([("b", _request(1)), ("bad", _request(2, max_new_tokens=0))])
+        assert [r.index for r in batch.rows] == ["a"]
+        while batch.rows:
+            results.update(batch.step())
+    assert results["a"].text == ref.text
+
+
+# ----------------------------------------------------------------------------- scheduler
+class _Sink:
+    def __init__(self):
+        self.deltas: list[str] = []
+        self.kind = self.outcome = None
+        self.first = threading.Event()
+        self.done = threading.Event()
+
+    def __call__(self, kind, payload):
+        if kind == "delta":
+            self.deltas.append(payload)
+            self.first.set()
+            return
+        self.kind, self.outcome = kind, payload
+        self.done.set()
+
+
+def test_a_short_request_joins_running_long_ones_and_finishes_first(tiny_engine):
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    long_reqs = [_request(11, max_new_tokens=300), _request(12, max_new_tokens=300, words=4)]
+    short_req = _request(14, max_new_tokens=3, image=False)
+    cancel_req = _request(13, max_new_tokens=300)
+    alone = [tiny_engine.generate([r])[0] for r in [*long_reqs, short_req]]
+    sched = BatchScheduler(tiny_engine, max_batch=8, max_wait_ms=0)
+    try:
+        longs = [_Sink() for _ in long_reqs]
+        for r, s in zip(long_reqs, longs):
+            sched.submit(r, s, stream=True)
+        assert all(s.first.wait(60) for s in longs)  # the long answers are being decoded
+        short, cancelled = _Sink(), _Sink()
+        cancel_job = sched.submit(cancel_req, cancelled, stream=True)
+        sched.submit(short_req, short)
+        assert short.done.wait(60) and short.kind == "done"
+        assert not any(s.done.is_set() for s in longs)  # it did not wait for the long answers
+        assert cancelled.first.wait(60)
+        cancel_job.cancel()  # its client went away: the row leaves, the others go on
+        assert cancelled.done.wait(60) and cancelled.outcome.finish_reason == "cancelled"
+        assert all(s.done.wait(120) for s in longs)
+        assert [s.outcome.text for s in [*longs, short]] == [a.text for a in alone]
+        assert [s.outcome.finish_reason for s in longs] == ["length", "length"]
+        assert ["".join(s.deltas) for s in longs] == [a.text for a in alone[:2]]
+        assert sched.stats.max_batch_seen == 4 and sched.stats.cancelled == 1
+        assert sched.stats.requests == 4 and sched.stats.failed_batches == 0
+    finally:
+        sched.close()
+
+
+# ----------------------------------------------------------------------------- penalties
+def _reference_penalties(logits, prompt_ids, output_ids, repetition, frequency, presence):
+    """vLLM's formula written out token by token."""
+    out = logits.clone()
+    for t in range(out.shape[0]):
+        if repetition != 1.0 and (t in prompt_ids or t in output_ids):
+            out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+        count = output_ids.count(t)
+        out[t] -= frequency * count
+        if count:
+            out[t] -= presence
+    return out
+
+
+@pytest.mark.parametrize("repetition,frequency,presence",
+                         [(1.3, 0.0, 0.0), (0.7, 0.0, 0.0), (1.0, 0.8, 0.0), (1.0, 0.0, -1.5),
+                          (1.2, 0.5, 0.5), (1.0, -2.0, 2.0)])
+def test_penalties_match_the_formula(repetition, frequency, presence):
+    import torch
+
+    from llavamed_core.infer.penalties import RowPenalties
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=gen) * 3
+    prompt, output = [1, 2, 3, 3, 40], [3, 7, 7, 7, 12, 49]
+    pen = RowPenalties(50, prompt, repetition, frequency, presence)
+    for t in output:
+        pen.add(t)
+    expected = _reference_penalties(logits, prompt, output, repetition, frequency, presence)
+    assert torch.allclose(pen.apply(logits), expected, atol=1e-6)
+    assert not torch.equal(expected, logits)
+
+
+def _reference_decode(engine, request, max_new: int) -> str:
+    """Greedy decoding without a cache: the whole sequence each step, vLLM's penalties, argmax."""
+    import torch
+
+    p = request.params
+    prepared = engine.prepare(request)
+    ids = list(prepared.input_ids)
+    prompt = list(ids)
+    out: list[int] = []
+    for _ in range(max_new):
+        kwargs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if "pixel_values" in prepared.tensors:
+            kwargs["pixel_values"] = prepared.tensors["pixel_values"]
+        with torch.inference_mode():
+            logits = engine.model(**kwargs).logits[0, -1].float()
+        logits = _reference_penalties(logits, prompt, out, p.repetition_penalty, p.frequency_penalty,
+                                      p.presence_penalty)
+        token = int(logits.argmax())
+        if token in engine.eos_token_ids:
+            break
+        out.append(token)
+        ids.append(token)
+    return engine.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_penalised_greedy_matches_a_cacheless_reference_and_batches_as_alone(tiny_engine):
+    from llavamed_core.infer import ChatRequest, GenerationParams
+
+    plain = _request(20, max_new_tokens=24)
+    ref_plain = tiny_engine.generate([plain])[0]
+    toks = tiny_engine.tokenizer(ref_plain.text, add_special_tokens=False)["input_ids"]
+    assert len(set(toks)) < len(toks)  # the plain answer repeats tokens: penalties have work to do
+    variants = [dict(frequency_penalty=1.5), dict(presence_penalty=2.0), dict(repetition_penalty=1.8),
+                dict(repetition_penalty=1.3, frequency_penalty=0.7, presence_penalty=0.4)]
+    penalised = [ChatRequest(plain.messages, GenerationParams(max_new_tokens=24, **v)) for v in variants]
+    alone = [tiny_engine.generate([r])[0] for r in penalised]
+    for req, res in zip(penalised, alone):
+        assert res.text != ref_plain.text
+        assert res.text == _reference_decode(tiny_engine, req, 24)
+    # Batched with plain requests of other lengths == alone.
+    others = [_request(21, max_new_tokens=10, words=5), _request(22, max_new_tokens=24, image=False)]
+    mixed = [others[0], *penalised, others[1]]
+    together = tiny_engine.generate(mixed, batch_size=len(mixed))
+    assert [r.text for r in together[1:-1]] == [a.text for a in alone]
+    assert [together[0].text, together[-1].text] == [tiny_engine.generate([o])[0].text for o in others]
+
+
+def test_bad_penalties_are_refused(tiny_engine):
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.infer import ChatRequest, GenerationParams
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for bad, field in [(dict(frequency_penalty=2.5), "frequency_penalty"),
+                       (dict(presence_penalty=float("nan")), "presence_penalty"),
+                       (dict(repetition_penalty=0.0), "repetition_penalty")]:
+        with pytest.raises(ConfigError, match=field):
+            tiny_engine.generate([ChatRequest(msgs, GenerationParams(max_new_tokens=2, **bad))])
