@@ -1,4 +1,4 @@
-"""Load test of ``llavamed serve``: N concurrent clients, micro-batching on vs ``--max-batch 1``.
+"""Load test of ``llavamed serve``: N concurrent clients, continuous batching vs ``--max-batch 1``.
 
 Starts the real server (``python -m llavamed_cli.main serve``) twice on the same checkpoint —
 once with batching (``--max-batch 32``), once with ``--max-batch 1`` (one request at a time, the

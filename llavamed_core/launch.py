@@ -311,6 +311,7 @@ def main(argv: list[str]) -> int:
         os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's own log lines
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -333,8 +334,10 @@ def main(argv: list[str]) -> int:
                              + (f"; its log: {log}" if log is not None else "") + "\n"
                              "Hint: read its log, or rerun with LLAVAMED_DEBUG=1 to see every process's traceback\n")
         return code
-    except KeyboardInterrupt:
-        return 130
+    except (KeyboardInterrupt, SignalException) as exc:  # Ctrl-C, or the parent stopping the run
+        if debug:
+            raise
+        return 128 + int(getattr(exc, "sigval", 2))
     return 0
 
 

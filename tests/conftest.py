@@ -41,6 +41,15 @@ def _offline(monkeypatch):
         monkeypatch.delenv(key.env, raising=False)
 
 
+@pytest.fixture
+def llm_env(monkeypatch, tmp_path):
+    """No LLM endpoint or key from the environment; the response cache under the test's folder."""
+    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY",
+              "OPENAI_API_VERSION"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("LLAVAMED_HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One torch thread in the test process: the tiny model's matrices are too small to gain from

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -67,6 +68,16 @@ def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None
             return
         time.sleep(0.1)
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout} s")
+
+
+def hang_up_after_first_text(url: str, body: dict) -> None:
+    """Stream ``body`` from ``url``'s chat route and disconnect once the first text arrives."""
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            event = json.loads(line[6:]) if line.startswith("data: {") else {}
+            if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                return
 
 
 class CliServer:

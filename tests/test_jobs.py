@@ -26,11 +26,8 @@ from llavamed_core.llm_jobs import failures_path, run_llm_job
 
 
 @pytest.fixture(autouse=True)
-def _llm_env(monkeypatch, tmp_path):
-    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY",
-              "OPENAI_API_VERSION"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("LLAVAMED_HOME", str(tmp_path / "home"))
+def _llm_env(llm_env):
+    """Every test here talks to a local LLM server only (conftest's ``llm_env``)."""
 
 
 def _records(n: int) -> list[dict]:

@@ -157,6 +157,39 @@ def test_a_failing_rank_is_named_in_one_line_with_its_log(tmp_path):
     assert not (tmp_path / "logs" / "r0.log").exists()  # rank 0 writes to the console
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stopped_launch_stops_its_processes_quietly(tmp_path, sig):
+    """Ctrl-C (SIGINT) or the parent's terminate() (SIGTERM): the workers stop, no traceback."""
+    import signal
+    import time
+
+    from llavamed_core.launch import launch
+
+    (tmp_path / "job.py").write_text(
+        "import os, pathlib, time\n"
+        "pathlib.Path(os.environ['MARK'], os.environ['RANK']).write_text(str(os.getpid()))\n"
+        "try:\n"
+        "    time.sleep(120)\n"
+        "except KeyboardInterrupt:\n"  # (the job's own Ctrl-C handling, as the training entry's)
+        "    raise SystemExit(130)\n")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = launch(LaunchSpec(2, master_port=_free_port()), "job", [],
+                  env=dict(ENV, PYTHONPATH=str(tmp_path), MARK=str(marks)), stderr=subprocess.PIPE, wait=False)
+    deadline = time.monotonic() + 60
+    while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in marks.iterdir()]
+    assert len(pids) == 2
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, sig)
+    assert "Traceback" not in err.decode()
+    for pid in pids:  # the workers are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def _config(tiny_ckpt, synth_data, out, **kw):
     from llavamed_core.train import TrainConfig
 

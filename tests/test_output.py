@@ -17,11 +17,8 @@ from llm_server import LLMServer, judge_responder
 
 
 @pytest.fixture(autouse=True)
-def _llm_env(monkeypatch, tmp_path):
-    for k in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY",
-              "OPENAI_API_VERSION"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("LLAVAMED_HOME", str(tmp_path / "home"))
+def _llm_env(llm_env, monkeypatch, tmp_path):
+    """A local LLM server only (conftest's ``llm_env``), run from the test's folder."""
     monkeypatch.chdir(tmp_path)  # `config show` reads no llavamed.toml of the repository
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -212,6 +213,9 @@ def test_one_log_line_per_request_without_secrets_or_image_data(client, server):
                                                            max_tokens=4, temperature=0)
     rid = raw.headers["x-request-id"]
     res = raw.parse()
+    deadline = time.monotonic() + 30  # the line is written once the response has been sent
+    while f"{rid} POST /v1/chat/completions 200" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = server.log()
     lines = [line for line in log.splitlines() if rid in line]
     done = [line for line in lines if "POST /v1/chat/completions 200" in line]

@@ -216,3 +216,80 @@ def test_bad_penalties_are_refused(tiny_engine):
                        (dict(repetition_penalty=0.0), "repetition_penalty")]:
         with pytest.raises(ConfigError, match=field):
             tiny_engine.generate([ChatRequest(msgs, GenerationParams(max_new_tokens=2, **bad))])
+
+
+# ----------------------------------------------------------------------------- engine process
+def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_ckpt, tiny_engine, caplog):
+    import json
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from llavamed_core.serve.config import ServeConfig
+    from serve_helpers import ThreadServer, data_url, image_message, png_bytes
+
+    bodies = [{"messages": image_message(data_url(png_bytes(random_image(40))), "What is shown?"),
+               "max_tokens": 8, "temperature": 0},
+              {"messages": [{"role": "user", "content": "Name one modality."}], "max_tokens": 10,
+               "temperature": 0, "stream": True},
+              {"messages": [{"role": "user", "content": "Any lesion?"}], "max_tokens": 6, "temperature": 0}]
+
+    def ask(url, body):
+        if not body.get("stream"):
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            return r.status_code, r.json()["choices"][0]["message"]["content"]
+        text = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"]:
+                    text.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+            return r.status_code, "".join(text)
+
+    cfg = ServeConfig(model=tiny_ckpt, port=0, max_batch=4, max_wait_ms=300)
+    with ThreadServer(cfg, wait=False) as srv:  # no engine handed over: the model loads in a child
+        seen = []
+        while not seen or seen[-1][0] != 200:
+            r = httpx.get(srv.url + "/health", timeout=30)
+            seen.append((r.status_code, r.json().get("status")))
+            time.sleep(0.2)
+        assert seen[0] == (503, "loading")
+        pid = httpx.get(srv.url + "/health").json()["engine_pid"]
+        assert pid != os.getpid()
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: ask(srv.url, b), bodies))
+        from llavamed_core.infer import ChatRequest, GenerationParams
+
+        def alone(body):
+            content = body["messages"][0]["content"]
+            if isinstance(content, list):
+                content = [{"type": "image", "image": random_image(40)}, {"type": "text", "text": content[1]["text"]}]
+            req = ChatRequest([{"role": "user", "content": content}],
+                              GenerationParams(max_new_tokens=body["max_tokens"], temperature=0.0))
+            return tiny_engine.generate([req])[0].text
+
+        assert answers == [(200, alone(b)) for b in bodies]
+        health = httpx.get(srv.url + "/health").json()
+        assert health["requests"] == 3 and health["max_batch_seen"] >= 2
+
+        # The engine process dies while a streamed answer runs: the stream ends with a 503 error
+        # event, new requests get 503, /health says why; nothing hangs.
+        long = {"messages": [{"role": "user", "content": "Describe everything."}], "max_tokens": 400,
+                "temperature": 0, "stream": True}
+        events = []
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 3:
+                        os.kill(pid, signal.SIGKILL)
+        assert events[-1]["error"]["code"] == "engine_died", events[-1]
+        r = httpx.post(srv.url + "/v1/chat/completions", json=bodies[2], timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_died"
+        assert "the engine process stopped (exit code -9)" in r.json()["error"]["message"]
+        h = httpx.get(srv.url + "/health")
+        assert h.status_code == 503 and h.json()["status"] == "failed"
+        assert "engine process stopped" in h.json()["error"]
+    assert any("the engine process stopped" in rec.getMessage() for rec in caplog.records)

@@ -8,7 +8,6 @@ share one tiny engine loaded in this process, so a server starts in milliseconds
 from __future__ import annotations
 
 import http.server
-import json
 import threading
 import time
 
@@ -16,8 +15,8 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import (ThreadServer, data_url, image_message, png_bytes, random_image,
-                           tiny_engine, wait_healthy)  # noqa: F401  (tiny_engine is a fixture)
+from serve_helpers import (ThreadServer, data_url, hang_up_after_first_text, image_message, png_bytes,
+                           random_image, tiny_engine, wait_healthy)  # noqa: F401  (tiny_engine is a fixture)
 
 
 def _config(model, **kw):
@@ -127,8 +126,31 @@ def test_request_limits(tiny_ckpt, tiny_engine):
         assert res.usage.completion_tokens <= 16
 
 
+class _Batch:
+    """A running batch of the real engine, with hooks around its decode steps."""
+
+    def __init__(self, batch, before_step=None, on_finished=None):
+        self.batch = batch
+        self.before_step = before_step or (lambda: None)
+        self.on_finished = on_finished or (lambda finished: None)
+
+    def __getattr__(self, name):  # rows, can_admit, clear: the real batch's
+        return getattr(self.batch, name)
+
+    def admit(self, items):
+        finished = self.batch.admit(items)
+        self.on_finished(finished)
+        return finished
+
+    def step(self):
+        self.before_step()
+        finished = self.batch.step()
+        self.on_finished(finished)
+        return finished
+
+
 class _GatedEngine:
-    """The real engine behind a gate: ``generate`` waits until the test opens it."""
+    """The real engine behind a gate: decoding waits until the test opens it."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -137,6 +159,9 @@ class _GatedEngine:
 
     def __getattr__(self, name):  # prepare, processor, tokenizer: the real engine's
         return getattr(self.engine, name)
+
+    def running_batch(self, *args, **kw):
+        return _Batch(self.engine.running_batch(*args, **kw), before_step=lambda: self.gate.wait(60))
 
     def generate(self, requests, **kw):
         self.gate.wait(60)
@@ -196,6 +221,12 @@ class _RecordingEngine:
     def __getattr__(self, name):  # prepare, processor, tokenizer: the real engine's
         return getattr(self.engine, name)
 
+    def running_batch(self, *args, **kw):
+        def record(finished):
+            self.finishes += [res.finish_reason for _key, res in finished]
+
+        return _Batch(self.engine.running_batch(*args, **kw), on_finished=record)
+
     def generate(self, requests, **kw):
         results = self.engine.generate(requests, **kw)
         self.finishes += [r.finish_reason for r in results]
@@ -208,12 +239,7 @@ def test_client_disconnect_frees_its_slot(tiny_ckpt, tiny_engine):
         # Long answer (up to the context length); hang up after the first content chunk.
         body = {"messages": [{"role": "user", "content": "Tell me a very long story."}],
                 "stream": True, "temperature": 0.7, "seed": 1}
-        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                event = json.loads(line[6:]) if line.startswith("data: {") else {}
-                if event.get("choices") and event["choices"][0]["delta"].get("content"):
-                    break
+        hang_up_after_first_text(srv.url, body)
         _wait_for(lambda: rec.finishes, 60)
         assert rec.finishes == ["cancelled"]
         assert httpx.get(srv.url + "/health").json()["cancelled"] == 1

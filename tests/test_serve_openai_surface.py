@@ -11,12 +11,14 @@ the engine called directly.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
 import pytest
 
-from serve_helpers import ThreadServer, data_url, image_message, png_bytes, random_image, tiny_engine  # noqa: F401
+from serve_helpers import (ThreadServer, data_url, hang_up_after_first_text, image_message, png_bytes,
+                           random_image, tiny_engine)  # noqa: F401  (tiny_engine is a fixture)
 
 HI = [{"role": "user", "content": "Describe a chest X-ray."}]
 
@@ -105,14 +107,7 @@ def test_a_client_that_hangs_up_cancels_every_choice(batching):
     before = httpx.get(batching.url + "/health").json()["cancelled"]
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a very long story."}],
             "stream": True, "temperature": 0.7, "seed": 1, "n": 3}
-    with httpx.stream("POST", batching.url + "/v1/chat/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            event = json.loads(line[6:]) if line.startswith("data: {") else {}
-            if event.get("choices") and event["choices"][0]["delta"].get("content"):
-                break
-    import time
-
+    hang_up_after_first_text(batching.url, body)
     deadline = time.monotonic() + 60
     while httpx.get(batching.url + "/health").json()["cancelled"] - before < 3:
         assert time.monotonic() < deadline, "the choices were not cancelled"

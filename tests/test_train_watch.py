@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from test_hub_ids import hub  # noqa: F401 - the fake Hub server fixture
-from train_helpers import changed_groups, weights
+from train_helpers import changed_groups, check_generates, weights
 
 N, K = 6, 3  # steps in all; a checkpoint (and an evaluation) every K
 
@@ -104,9 +104,9 @@ def _config(tiny_ckpt: Path, data: Path, images: Path, out: Path, **kw):
 
 @pytest.fixture(scope="module")
 def watched(tiny_ckpt, synth_data, tmp_path_factory):
-    """Run A: N steps with an eval split (4 records, in two eval batches), a checkpoint every K. Run C: A's run folder as a run killed
-    after step N-1 leaves it (checkpoint-N gone, the history holding every step), resumed with
-    --resume auto."""
+    """Run A: N steps with an eval split (4 records, in two eval batches), a checkpoint every K.
+    Run C: A's run folder as a run killed after step N-1 leaves it (no checkpoint-N; the history
+    holding steps 1..N-1, past checkpoint-K), resumed with --resume auto."""
     from llavamed_core.train import train
 
     root = tmp_path_factory.mktemp("watch")
@@ -114,7 +114,9 @@ def watched(tiny_ckpt, synth_data, tmp_path_factory):
     a = train(_config(tiny_ckpt, data, images, root / "A"))
     shutil.copytree(root / "A.run", root / "C.run")
     shutil.rmtree(root / "C.run" / f"checkpoint-{N}")
-    killed_rows = (root / "C.run" / "history.jsonl").read_text().splitlines()
+    history = root / "C.run" / "history.jsonl"
+    killed_rows = [ln for ln in history.read_text().splitlines() if json.loads(ln)["step"] < N]
+    history.write_text("".join(ln + "\n" for ln in killed_rows))
     c = train(_config(tiny_ckpt, data, images, root / "C", resume="auto"))
     return root, data, images, a, c, killed_rows
 
@@ -136,7 +138,7 @@ def test_history_is_written_as_it_happens_and_copied_beside_the_output(watched):
     assert [r["step"] for r in rows if "eval_loss" in r] == [K, N]
     # The run folder's file (appended step by step) and the output's are the same rows.
     assert _rows(root / "A.run" / "history.jsonl") == rows
-    assert len(killed_rows) == len(rows)
+    assert max(json.loads(ln)["step"] for ln in killed_rows) == N - 1 > K  # rows past the resume point
     assert a.history_path == root / "A" / "history.jsonl"
     assert a.plot_path == root / "A" / "loss.png" and a.plot_path.read_bytes()[:4] == b"\x89PNG"
     assert len(a.loss_sparkline) == N and set(a.loss_sparkline) <= set("▁▂▃▄▅▆▇█")
@@ -201,6 +203,31 @@ def test_eval_loss_is_the_saved_weights_mean_token_loss_on_held_out_records(watc
                                                            held["ids"]), rel=1e-4)
     assert a.eval_loss == pytest.approx(_straight_mean_token_loss(root / "A", data, images, held["ids"]), rel=1e-4)
     assert at_k != pytest.approx(a.eval_loss, rel=1e-3)  # the weights moved between the two
+
+
+def test_eval_loss_split_over_processes_pools_to_the_one_process_value(tiny_ckpt, synth_data):
+    """Each process takes every world_size-th record, a short share padded with weight-0 repeats:
+    the shares' sums pool to the one-process mean (5 records over 2 and 3 processes, batches of 2)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llavamed_core.records import load_conversations
+    from llavamed_core.train.dataset import PaddingCollator, build_dataset
+    from llavamed_core.train.trainer import mean_token_loss
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_ckpt)
+    processor = AutoProcessor.from_pretrained(tiny_ckpt)
+    convs = load_conversations(synth_data / "instruct.json", require_image=True, strict=True)[:5]
+    dataset, _ = build_dataset(convs, processor, synth_data / "images", 2048)
+    collator = PaddingCollator(processor.tokenizer.pad_token_id, None)
+    model.train()
+    one, tokens = mean_token_loss(model, dataset, collator, 2, "cpu")
+    assert math.isfinite(one) and tokens > 0 and model.training  # train mode given back
+    for world in (2, 3):
+        shares = [mean_token_loss(model, dataset, collator, 2, "cpu", rank, world) for rank in range(world)]
+        assert sum(t for _, t in shares) == tokens
+        assert sum(loss * t for loss, t in shares) / tokens == pytest.approx(one, rel=1e-6)
+    assert torch.is_grad_enabled()
 
 
 def test_eval_data_and_eval_split_together_is_a_usage_error(cli, tiny_ckpt, synth_data, tmp_path):
@@ -321,16 +348,54 @@ def test_dora_rslora_and_targets_reach_the_adapter(cli, tiny_ckpt, synth_data, t
     # The adapter folder's tokenizer files load in transformers 4.x too.
     _check_v4_tokenizer_config(json.loads((out / "tokenizer_config.json").read_text()), out)
 
+    # Merged (the default): DoRA on every linear layer of the LM folds into a plain checkpoint.
+    merged = tmp_path / "merged"
+    r = cli("train", "finetune", "--model", tiny_ckpt, "--data", synth_data / "train.json",
+            "--images", synth_data / "images", "--out", merged, "--lora", "--lora-r", "4", "--lora-alpha", "8",
+            "--lora-target", "all-linear", "--dora", *FAST, "--lr", "1e-2", "--json")
+    assert r.exit_code == 0, r
+    before, after = weights(tiny_ckpt), weights(merged)
+    assert set(after) == set(before)  # no adapter or magnitude keys left
+    assert changed_groups(before, after) == {"projector": True, "language_model": True, "vision_tower": False}
+    check_generates(merged, synth_data / "images" / "train_00002.png")
+
+
+def test_adapter_folder_carries_the_side_files_of_a_full_checkpoint(cli, synth_data, tmp_path):
+    """A v1-template model's adapter (--no-merge): the generation config with the template's stop
+    strings and the base eos, and a tokenizer config transformers 4.x loads — as save_checkpoint
+    writes them for the merged output (tests/test_checkpoint_compat.py)."""
+    import dataclasses
+
+    from llavamed_core.model import build_from_preset, get_preset, save_checkpoint
+    from test_checkpoint_compat import _check_v4_tokenizer_config
+
+    base = tmp_path / "v1"
+    save_checkpoint(*build_from_preset(dataclasses.replace(get_preset("tiny"), template="v1"), seed=1), base)
+    common = ["--model", base, "--data", synth_data / "train.json", "--images", synth_data / "images",
+              "--lora", "--lora-r", "4", "--lora-alpha", "8", "--global-batch", "4", "--max-steps", "1"]
+    r = cli("train", "finetune", *common, "--out", tmp_path / "adapter", "--no-merge")
+    assert r.exit_code == 0, r
+    adapter, full = tmp_path / "adapter", base
+    assert json.loads((adapter / "generation_config.json").read_text()) == \
+        json.loads((full / "generation_config.json").read_text())
+    ours, theirs = (json.loads((d / "tokenizer_config.json").read_text()) for d in (adapter, full))
+    for key in ("tokenizer_class", "extra_special_tokens", "model_input_names", "eos_token", "pad_token"):
+        assert ours.get(key) == theirs.get(key), key
+    gen = json.loads((adapter / "generation_config.json").read_text())
+    assert gen["llavamed_stop_strings"] == ["###"] and set(gen["llavamed_stop_token_ids"]) < set(gen["eos_token_id"])
+    _check_v4_tokenizer_config(json.loads((adapter / "tokenizer_config.json").read_text()), adapter)
+
 
 # -- Hub ids ---------------------------------------------------------------------------------------
 
 def test_train_from_a_hub_id_equals_the_local_path(hub, cli, tiny_ckpt, synth_data, tmp_path):  # noqa: F811
-    common = ["--data", synth_data / "align.json", "--images", synth_data / "images", *FAST, "--max-steps", "1"]
+    common = ["--data", synth_data / "align.json", "--images", synth_data / "images", *FAST]
     by_path = cli("train", "align", "--model", tiny_ckpt, "--out", tmp_path / "a", *common)
     by_id = cli("train", "align", "--model", "org/tiny@main", "--out", tmp_path / "b", *common)
     assert by_path.exit_code == 0 and by_id.exit_code == 0, (by_path, by_id)
     assert (tmp_path / "a" / "mm_projector.safetensors").read_bytes() == \
         (tmp_path / "b" / "mm_projector.safetensors").read_bytes()
+    assert changed_groups(weights(tiny_ckpt), weights(tmp_path / "b"))["projector"]  # it trained
     saved = json.loads((tmp_path / "b" / "train_config.json").read_text())
     assert Path(saved["model"]).is_dir() and (Path(saved["model"]) / "config.json").is_file()
     miss = cli("train", "align", "--model", "org/absent", "--out", tmp_path / "c", *common)

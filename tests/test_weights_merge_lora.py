@@ -1,5 +1,6 @@
 """``llavamed weights merge-lora``: PEFT LoRA adapters (ours, and the original LLaVA scripts' key
-layout) folded into a standalone checkpoint that loads without PEFT."""
+layout; plain LoRA, rsLoRA and DoRA) folded into a standalone checkpoint that loads without PEFT, by
+PEFT's merge streamed block by block (== PEFT's whole-model merge); the in-memory merge of chat/serve."""
 
 from __future__ import annotations
 

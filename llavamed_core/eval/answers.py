@@ -1,8 +1,8 @@
 """Answer generation for ``llavamed eval vqa``: batched, resumable, split over processes, scored.
 
 - Questions come from a prepared VQA test file (our conversation format, ``llavamed data
-  prepare``) or from the chat benchmark's qa50 JSONL (FORMATS.md); ids must be unique.
-- Answers are appended one line each to ``OUT/answers.jsonl`` (FORMATS.md answer format,
+  prepare``) or from the chat benchmark's qa50 JSONL (``docs/formats.md``); ids must be unique.
+- Answers are appended one line each to ``OUT/answers.jsonl`` (``docs/formats.md`` answer format,
   ``question_id`` = the record's id) with :class:`~llavamed_core.io.JsonlAppender`, so a kill loses
   at most the batch in flight and a rerun answers only the ids still missing. When every
   question is answered the file is rewritten (atomically) in the question file's order, as the

@@ -404,8 +404,10 @@ def comparison_caption(c: Comparison, sep: str = "; ") -> str:
     parts = [f"95 % CI: percentile bootstrap over questions, {c.n_boot} resamples, seed {c.seed}"
              if c.n_boot > 0 else "no intervals (--bootstrap 0)"]
     if c.differences:
-        parts.append(f"{difference_label(c, 1) if len(c.runs) == 2 else 'B − ' + c.runs[0].label}: "
-                     "paired on the same questions, in points")
+        label = difference_label(c, 1) if len(c.runs) == 2 else "B − " + c.runs[0].label
+        if len(label) > 30:  # long run names: the column header already says which runs
+            label = "each difference"
+        parts.append(f"{label}: paired on the same questions, in points")
     if any(r.kind == "vqa" for r in c.runs):
         parts.append("paper: the truth is in the answer (closed), word recall (open)")
         parts.append("strict: the first yes/no word (closed), token F1 (open)")

@@ -4,8 +4,8 @@ Questions (the qa50 JSONL) and answers (an answer file) are joined by ``question
 order; ids missing on either side are reported. For each question the judge sees the figure caption
 and the sentences that mention the figure as context, the question, answer 1 (the reference
 ``gpt4_answer``) and answer 2 (the model's), and must put two 1–10 scores on its first line
-(FORMATS.md, "LLM-judged chat score"). :func:`parse_scores` reads them robustly; a review it cannot
-read is asked once more (bypassing the cache), then recorded as unscored.
+(``docs/formats.md``, "LLM-judged chat score"). :func:`parse_scores` reads them robustly; a review
+it cannot read is asked once more (bypassing the cache), then recorded as unscored.
 
 Reviews are JSONL, appended as they arrive and resumed by ``question_id``
 (:func:`~llavamed_core.llm_jobs.run_llm_job`; requests that fail for good are listed in

@@ -10,7 +10,7 @@ give PEFT's whole-model result; an embedding (DoRA normalises it per column) is 
 LoRA, rsLoRA (``use_rslora``), DoRA (``use_dora``) and per-module ``rank_pattern`` / ``alpha_pattern``
 are honoured. Full tensors saved with the adapter (``modules_to_save``, and the original LLaVA
 scripts' ``non_lora_trainables.bin``) replace the base tensors. Peak memory is a few blocks
-(``chunk_bytes``), whatever the model's size. :func:`merge_adapter` is the in-memory form, for a model
+(``chunk_bytes``) and PEFT's temporaries, whatever the model's size. :func:`merge_adapter` is the in-memory form, for a model
 already loaded (``chat``/``serve`` given an adapter).
 
 Adapter keys are mapped to the checkpoint's Hub layout from any of these namings:
@@ -281,9 +281,12 @@ def _peft_merge(weight: Any, lora: _Lora, adapter: dict[str, Any]) -> Any:
         warnings.simplefilter("ignore")  # PEFT's notes on a model without a config
         peft_model = get_peft_model(holder, config)
         loaded = set_peft_model_state_dict(peft_model, {f"base_model.model.layer{k}": v for k, v in adapter.items()})
-    unexpected = list(getattr(loaded, "unexpected_keys", []) or [])
-    if unexpected:  # the plan checked the names; this would be a PEFT naming change
-        raise ModelError(f"adapter module {lora.module}: PEFT did not take {unexpected[0]}",
+    # The plan checked the names; a key PEFT did not take, or a LoRA tensor left at its random
+    # initialisation, would be a PEFT naming change.
+    left = list(getattr(loaded, "unexpected_keys", []) or []) + [
+        k for k in getattr(loaded, "missing_keys", []) or [] if ".lora_" in k]
+    if left:
+        raise ModelError(f"adapter module {lora.module}: PEFT did not load {left[0]}",
                          "this peft version names adapter tensors differently; report it")
     return peft_model.merge_and_unload().layer.weight.detach()
 

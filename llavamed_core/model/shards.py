@@ -511,8 +511,8 @@ class OutTensor:
 class ShardedWriter:
     """Write tensors into sharded safetensors files, each tensor's bytes straight to disk.
 
-    The split into shards is huggingface_hub's (:func:`huggingface_hub.split_torch_state_dict_into_shards`,
-    the one ``save_pretrained`` uses: file names ``model.safetensors`` or ``model-0000i-of-0000n.safetensors``,
+    The split into shards is huggingface_hub's (``split_state_dict_into_shards_factory``, behind the
+    split ``save_pretrained`` uses: file names ``model.safetensors`` or ``model-0000i-of-0000n.safetensors``,
     a tensor larger than the limit in a shard of its own). The writing is ours because safetensors'
     ``save_file`` needs every tensor of a shard whole in memory, and the streaming tools produce a
     tensor piece by piece: each shard's header is written first, then its tensors' bytes as they come.
@@ -526,8 +526,7 @@ class ShardedWriter:
 
     def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, tuple[int, ...], Any]],
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        import torch
-        from huggingface_hub import split_torch_state_dict_into_shards
+        from huggingface_hub import split_state_dict_into_shards_factory
 
         _, to_name = _dtype_tables()
         self.out_dir = Path(out_dir)
@@ -540,8 +539,9 @@ class ShardedWriter:
             specs[name] = (tuple(shape), dtype, TensorSpec(name, tuple(shape), dtype).nbytes)
         if not specs:
             raise ModelError("no tensors to write")
-        split = split_torch_state_dict_into_shards(
-            {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype, _) in specs.items()},
+        # Sizes, not tensors: the torch flavour of the split imports torch.distributed (~40 MB).
+        split = split_state_dict_into_shards_factory(
+            {n: spec[2] for n, spec in specs.items()}, get_storage_size=lambda nbytes: nbytes,
             filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes)
         self._shards = []
         for fname, names in split.filename_to_tensors.items():

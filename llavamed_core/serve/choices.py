@@ -17,7 +17,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .native import sse
+from .backend import Backend, RequestContext, sse
 from .protocol import ParsedChat, chunk_body
 
 __all__ = ["split_choices", "complete_choices", "stream_choices", "merge_completions", "sse_events"]
@@ -57,8 +57,8 @@ def _note(record: dict, usage: dict, finishes: list) -> None:
                   finish=",".join(str(f) for f in finishes))
 
 
-async def complete_choices(backend: Any, subs: list[tuple[ParsedChat, dict]], ctxs: list[Any],
-                           request_id: str, record: dict) -> dict:
+async def complete_choices(backend: Backend, subs: list[tuple[ParsedChat, dict]],
+                           ctxs: list[RequestContext], request_id: str, record: dict) -> dict:
     """Run the choices together and merge them.
 
     Raises:
@@ -76,9 +76,9 @@ async def complete_choices(backend: Any, subs: list[tuple[ParsedChat, dict]], ct
     return merged
 
 
-async def stream_choices(backend: Any, subs: list[tuple[ParsedChat, dict]], ctxs: list[Any],
-                         chat: ParsedChat, request_id: str, model: str, created: int,
-                         record: dict) -> AsyncIterator[bytes]:
+async def stream_choices(backend: Backend, subs: list[tuple[ParsedChat, dict]],
+                         ctxs: list[RequestContext], chat: ParsedChat, request_id: str, model: str,
+                         created: int, record: dict) -> AsyncIterator[bytes]:
     """Queue every choice's stream and return the merged SSE byte stream.
 
     Raises (before the stream starts):

@@ -256,11 +256,16 @@ def _rebuild(info: dict) -> Exception:
 # ---------------------------------------------------------------------- the engine process
 def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
     """The engine process: load the model, then run jobs from ``down`` until told to close."""
+    import multiprocessing as mp
     import os
+    import signal
 
     from ..infer.engine import Engine
     from .scheduler import BatchScheduler
 
+    # Ctrl-C reaches the whole process group: the API process handles it and closes this one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = mp.parent_process()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.DEBUG if os.environ.get("LLAVAMED_DEBUG") else logging.INFO)
     try:
@@ -291,7 +296,13 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
 
     up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length}))
     while True:
-        msg = down.get()
+        try:
+            msg = down.get(timeout=_POLL_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():  # the API process was killed
+                sched.close(timeout=0)
+                return
+            continue
         if msg[0] == "submit":
             _, job_id, request, stream = msg
             try:

@@ -22,11 +22,10 @@ from .api_errors import bad_request
 from .config import RemoteImagePolicy, ServeLimits
 from .images import (decode_data_url, fetch_remote_image, is_medical, is_remote_url, open_image,
                      png_data_url, to_data_url)
+from .schema import SEED_MAX, ChatCompletionRequest, ImagePart, validation_error
 
 __all__ = ["ImageRef", "ParsedChat", "parse_json_body", "parse_chat_request", "fetch_remote_images",
            "decode_images", "completion_body", "chunk_body", "redact_body"]
-
-from .schema import SEED_MAX, ChatCompletionRequest, ImagePart, validation_error
 
 
 @dataclass

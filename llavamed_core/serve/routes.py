@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .api_errors import APIError
 from .choices import complete_choices, split_choices, stream_choices
 from .guards import check_auth, check_json, check_ready, read_body
-from .native import ClientGone, RequestContext
+from .backend import ClientGone, RequestContext
 from .protocol import fetch_remote_images, parse_chat_request, parse_json_body, redact_body
 
 __all__ = ["api_router"]
@@ -94,7 +94,8 @@ def api_router(state: Any) -> APIRouter:
         await fetch_remote_images(chat, config.limits, config.remote_images, state.http)
         loop = asyncio.get_running_loop()
         subs = split_choices(chat, body) if chat.n > 1 else [(chat, body)]
-        await asyncio.gather(*(loop.run_in_executor(state.prep, state.backend.prepare, sub) for sub, _ in subs))
+        await asyncio.gather(*(loop.run_in_executor(state.prep, state.backend.prepare, sub)
+                               for sub, _ in subs))
         rec["images"] = len(chat.images)
         rec["ingest_ms"] = (time.monotonic() - request.scope["llavamed.t0"]) * 1000
         headers = {"X-Request-Id": rec["id"]}

@@ -640,8 +640,9 @@ def _write_outputs(cfg: TrainConfig, trainer: Any, processor: Any, lora_cfg: Any
                 save_processor(processor, tmp)
                 for name, obj in extra.items():
                     atomic_write_json(tmp / name, obj)
-                # Tokenizer side files that transformers 4.x also loads, and the template's stop
-                # strings, as save_checkpoint writes them for a full checkpoint.
+                # Tokenizer side files that transformers 4.x also loads, and the base model's generation
+                # config with the template's stop strings, as save_checkpoint writes them.
+                unwrapped.get_base_model().generation_config.save_pretrained(tmp)
                 template = (getattr(unwrapped.config, "llavamed", None) or {}).get("template")
                 finalize_checkpoint_files(tmp, STOP_STRINGS.get(template))
         else:

@@ -10,6 +10,9 @@ Imports transformers at the top: :mod:`llavamed_core.train.run` imports this mod
 - Callbacks: :class:`SamplerEpoch`, :class:`ProgressReporter`, :class:`HistoryWriter`,
   :class:`NoExtraFinalSave`.
 
+The eval loss is computed here (:func:`mean_token_loss`) because the Trainer's ``eval_loss`` is a
+mean of per-batch means, not the mean over every answer token.
+
 Public Trainer hooks are used where they exist (``get_train_dataloader``, ``compute_loss``,
 ``log``, ``evaluate``, callbacks). One private method is overridden, ``_load_from_checkpoint``,
 because the Trainer has no public hook for loading a resumed checkpoint's weights (see there).
