@@ -126,6 +126,32 @@ def test_a_short_request_joins_running_long_ones_and_finishes_first(tiny_engine)
         sched.close()
 
 
+def test_newcomers_that_fill_the_free_rows_are_prefilled_together_without_waiting(tiny_engine):
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    first = [_request(11, max_new_tokens=300), _request(12, max_new_tokens=300, words=4),
+             _request(15, max_new_tokens=3, image=False), _request(16, max_new_tokens=4)]
+    newcomers = [_request(17, max_new_tokens=5), _request(18, max_new_tokens=6, image=False)]
+    alone = [tiny_engine.generate([r])[0].text for r in newcomers]
+    # A minute of max_wait: newcomers may only join early because they fill the free rows.
+    sched = BatchScheduler(tiny_engine, max_batch=4, max_wait_ms=60_000)
+    try:
+        sinks = [_Sink() for _ in first]
+        for r, s in zip(first, sinks):
+            sched.submit(r, s, stream=True)
+        assert sinks[2].done.wait(60) and sinks[3].done.wait(60)  # two rows are free now
+        assert not sinks[0].done.is_set() and not sinks[1].done.is_set()
+        late = [_Sink() for _ in newcomers]
+        for r, s in zip(newcomers, late):
+            sched.submit(r, s)
+        assert all(s.done.wait(60) for s in late)
+        assert not sinks[0].done.is_set() and not sinks[1].done.is_set()
+        assert [s.outcome.text for s in late] == alone
+        assert sched.stats.batches == 2 and sched.stats.requests == 6
+    finally:
+        sched.close()
+
+
 # ----------------------------------------------------------------------------- penalties
 def _reference_penalties(logits, prompt_ids, output_ids, repetition, frequency, presence):
     """vLLM's formula written out token by token."""

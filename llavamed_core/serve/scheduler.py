@@ -3,9 +3,11 @@
 Requests are queued by the HTTP handlers (any thread); a single worker thread runs one
 :class:`~llavamed_core.infer.batch.RunningBatch` of up to ``max_batch`` rows and, between decode
 steps, admits queued requests into it (iteration-level batching, as Orca and vLLM do): a new
-request joins at the next step and a finished one leaves at once, so a short answer never waits
-for the longest one in its batch. On an idle server the first requests wait up to
-``max_wait_ms`` for others to prefill with them; while rows run, newcomers join without waiting.
+request joins a running batch and a finished one leaves at once, so a short answer never waits
+for the longest one in its batch. Newcomers are prefilled together, in one forward pass: on an
+idle server the first request waits up to ``max_wait_ms`` for company; while rows run, newcomers
+join at the next step once they fill the free rows or the first of them has waited
+``max_wait_ms``.
 The queue is bounded (:class:`QueueFull` → 429). A request whose client went away is cancelled:
 dropped if still queued, stopped through the engine's ``should_stop`` if running, so its row
 is freed.
@@ -173,7 +175,12 @@ class BatchScheduler:
         with self._cond:
             while True:
                 if running:
-                    if self._closed or not can_admit:
+                    if self._closed or not can_admit or running >= self.max_batch:
+                        return []
+                    # Newcomers join together: when they fill the free rows, or once the first
+                    # has waited max_wait (each admission costs a forward pass of its own).
+                    if len(self._pending) < self.max_batch - running and self._pending and \
+                            time.monotonic() - self._pending[0].enqueued_at < self.max_wait:
                         return []
                 else:
                     while not self._pending and not self._closed:
