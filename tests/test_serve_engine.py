@@ -3,11 +3,14 @@
 - Rows admitted into a running batch at different steps, with different prompt lengths, images
   and limits, give exactly the answers they give alone (greedy and seeded sampling), stream
   deltas that add up to their text, and leave the batch as they finish.
-- The scheduler lets a short request join a batch of long answers and finish first; a cancelled
-  row leaves without touching the others.
+- The scheduler lets a short request join a batch of long answers and finish first; newcomers
+  that fill the free rows are prefilled together at once; a cancelled row leaves without
+  touching the others.
 - Frequency, presence and repetition penalties match a straight implementation of vLLM's formula
   on logits, and end to end a cache-less decode loop that applies that formula; a penalised
-  request answers the same in a batch as alone.
+  request answers the same in a batch as alone, and the same through the HTTP API.
+- The engine process of a real server: 503 while it loads, answers equal to the engine alone,
+  and its death is a clear 503 (in-flight stream, later requests, ``/health``), never a hang.
 """
 
 from __future__ import annotations
@@ -148,6 +151,34 @@ def test_newcomers_that_fill_the_free_rows_are_prefilled_together_without_waitin
         assert not sinks[0].done.is_set() and not sinks[1].done.is_set()
         assert [s.outcome.text for s in late] == alone
         assert sched.stats.batches == 2 and sched.stats.requests == 6
+    finally:
+        sched.close()
+
+
+def test_a_cache_that_cannot_merge_makes_newcomers_wait_for_an_empty_batch(tiny_engine, monkeypatch):
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.infer import batch as batch_mod
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    # A sliding-window or quantised cache cannot be merged: static batching, same answers.
+    monkeypatch.setattr(batch_mod, "_mergeable", lambda cache: False)
+    long_req, late_req = _request(11, max_new_tokens=40), _request(17, max_new_tokens=5)
+    alone = [tiny_engine.generate([r])[0].text for r in (long_req, late_req)]
+    batch = tiny_engine.running_batch()
+    with tiny_engine._lock:
+        batch.admit([("long", long_req)])
+        assert not batch.can_admit
+        with pytest.raises(ConfigError, match="cannot take new rows"):
+            batch.admit([("late", late_req)])
+        batch.clear()
+    sched = BatchScheduler(tiny_engine, max_batch=4, max_wait_ms=0)
+    try:
+        first, late = _Sink(), _Sink()
+        sched.submit(long_req, first, stream=True)
+        assert first.first.wait(60)
+        sched.submit(late_req, late)
+        assert late.done.wait(60) and first.done.is_set()  # it waited for the batch to empty
+        assert [first.outcome.text, late.outcome.text] == alone
     finally:
         sched.close()
 
@@ -319,3 +350,23 @@ def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_
         assert h.status_code == 503 and h.json()["status"] == "failed"
         assert "engine process stopped" in h.json()["error"]
     assert any("the engine process stopped" in rec.getMessage() for rec in caplog.records)
+
+
+def test_penalties_sent_to_the_server_reach_the_engine(tiny_ckpt, tiny_engine):
+    import httpx
+
+    from llavamed_core.infer import ChatRequest, GenerationParams
+    from llavamed_core.serve.config import ServeConfig
+    from serve_helpers import ThreadServer
+
+    text = "Describe the scan in detail."
+    penalties = dict(frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
+    msgs = [{"role": "user", "content": text}]
+    expected = tiny_engine.generate([ChatRequest(msgs, GenerationParams(max_new_tokens=24, **penalties))])[0]
+    plain = tiny_engine.generate([ChatRequest(msgs, GenerationParams(max_new_tokens=24))])[0]
+    assert expected.text != plain.text
+    with ThreadServer(ServeConfig(model=tiny_ckpt, port=0), engine_loader=lambda: tiny_engine) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": msgs, "max_tokens": 24, "temperature": 0, **penalties})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected.text

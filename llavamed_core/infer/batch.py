@@ -38,7 +38,8 @@ __all__ = ["RunningBatch"]
 class RunningBatch:
     """Rows decoding together over one KV cache.
 
-    Not thread-safe: one thread admits and steps. Build it with ``Engine.running_batch``.
+    Not thread-safe: one thread admits and steps (each holding the engine's lock). Build it with
+    ``Engine.running_batch``.
 
     Args:
         engine: the :class:`~.engine.Engine`.
@@ -64,7 +65,8 @@ class RunningBatch:
         return not self.rows or _mergeable(self._cache)
 
     def admit(self, items: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
-        """Prefill requests together and add them to the batch.
+        """Prefill requests together and add them to the batch (holding the engine's lock, so a
+        ``generate`` call elsewhere never runs the model at the same time).
 
         Atomic: if the prefill fails nothing of the batch changes (the running rows go on).
 
@@ -79,13 +81,17 @@ class RunningBatch:
                 or the batch cannot take requests now (:attr:`can_admit`).
             DataError: messages the template cannot render.
         """
-        import torch
-        from transformers import DynamicCache
-
         if not items:
             return []
         if not self.can_admit:
             raise ConfigError("this batch's cache cannot take new rows while rows run")
+        with self.engine._lock:
+            return self._admit(items)
+
+    def _admit(self, items: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        import torch
+        from transformers import DynamicCache
+
         eng = self.engine
         for i, (_key, req) in enumerate(items):
             eng._check_params(req.params, i)
@@ -128,10 +134,14 @@ class RunningBatch:
         Returns:
             ``(key, GenerationResult)`` of the rows that finished in this step.
         """
-        import torch
-
         if not self.rows:
             return []
+        with self.engine._lock:
+            return self._step()
+
+    def _step(self) -> list[tuple[Any, Any]]:
+        import torch
+
         eng = self.engine
         with torch.inference_mode():
             mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)

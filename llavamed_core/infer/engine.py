@@ -12,7 +12,11 @@ a manual decode loop over a KV cache:
 - position ids follow the attention mask, so a left-padded row computes exactly what it would
   alone: batched greedy output equals one-at-a-time greedy output;
 - :meth:`Engine.prepare` renders, tokenises and image-processes a request in any thread (on its
-  own copy of the processor), so a server can do that work outside the generation thread.
+  own copy of the processor), so a server can do that work outside the generation thread; a
+  :class:`Preparer` does the same without the model (a server whose model runs in another process);
+- :meth:`Engine.running_batch` is the same loop with requests joining between steps
+  (:mod:`.batch`, for the server), and every row may carry vLLM's frequency, presence and
+  repetition penalties (:mod:`.penalties`).
 
 Use::
 

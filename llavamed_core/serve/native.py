@@ -1,15 +1,17 @@
-"""The native backend: our engine in this process, behind the continuous-batching scheduler.
+"""The native backend: our engine behind the continuous-batching scheduler.
 
+The model and the decode loop run in an engine process of their own (:mod:`.engine_proc`); with
+an ``engine_loader`` (tests sharing one loaded engine) they run in a thread of this process.
 Loading (``start``) runs in a background thread so the server answers ``/health`` (503) and
 ``/v1/models`` while the checkpoint loads. A request is checked completely before it may join a
 batch: :meth:`NativeBackend.precheck` (on the event loop, cheap: text length against the context,
 no image placeholder in the text) and :meth:`NativeBackend.prepare` (in the server's small pool
 of preparation threads: images decoded, resized and normalised, the prompt rendered and tokenised,
-its exact length checked), so the generation thread only generates. Each prepared request becomes
-one job of the :class:`~.scheduler.BatchScheduler`, which admits it into the running batch at
-the next decode step; a plain request waits for its result, a streamed one relays the engine's
-deltas as ``chat.completion.chunk`` events. If the client goes away the job is cancelled, which
-frees its row in the batch.
+its exact length checked), so the decode loop only generates. Each prepared request becomes one
+job of the :class:`~.scheduler.BatchScheduler`, which admits it into the running batch between
+two decode steps; a plain request waits for its result, a streamed one relays the engine's deltas
+as ``chat.completion.chunk`` events. If the client goes away the job is cancelled, which frees its
+row in the batch.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _without_images(messages: list[dict]) -> list[dict]:
 
 
 class NativeBackend(Backend):
-    """Our :class:`~llavamed_core.infer.engine.Engine` with micro-batching.
+    """Our :class:`~llavamed_core.infer.engine.Engine` with continuous batching.
 
     Args:
         config: the server settings.
