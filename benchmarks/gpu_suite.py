@@ -107,58 +107,6 @@ def _device_name(device: str) -> str:
 
 
 # ----------------------------------------------------------------------------- serve part
-async def _short_during_long(url: str, images: list[str], n_long: int, long_tokens: int, short_tokens: int,
-                             short_after_s: float | None) -> dict:
-    """Send ``n_long`` long requests at once and, ``short_after_s`` later, one short one."""
-    import asyncio
-
-    import httpx
-
-    async def one(http: httpx.AsyncClient, n: int, max_tokens: int) -> tuple[float, float, int]:
-        body = {"model": "ckpt", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": images[n % len(images)]}},
-            {"type": "text", "text": f"Describe image {n} in detail."}]}],
-            "max_tokens": max_tokens, "temperature": 0}
-        t0 = time.perf_counter()
-        r = await http.post(url + "/v1/chat/completions", json=body)
-        t1 = time.perf_counter()
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        return t0, t1, int(r.json().get("usage", {}).get("completion_tokens", 0))
-
-    limits = httpx.Limits(max_connections=n_long + 4, max_keepalive_connections=n_long + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
-        start = time.perf_counter()
-        longs = [asyncio.create_task(one(http, i, long_tokens)) for i in range(n_long)]
-        short = None
-        if short_after_s is not None:
-            await asyncio.sleep(short_after_s)
-            short = await one(http, 1000, short_tokens)
-        done = await asyncio.gather(*longs)
-    out = {"long_batch_s": max(t1 for _, t1, _ in done) - start,
-           "long_completion_tokens_mean": sum(c for _, _, c in done) / len(done)}
-    if short is not None:
-        out.update(short_latency_s=short[1] - short[0], short_sent_after_s=short_after_s,
-                   short_completion_tokens=short[2])
-    return out
-
-
-def _engine_requests(images: list[str], n: int, max_tokens: int) -> list:
-    """The requests ``serve_load.run_level`` sends (same images, texts, greedy, max_tokens) for the engine."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    from llavamed_core.infer import ChatRequest
-    from llavamed_core.infer.engine import GenerationParams
-
-    pil = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in images]
-    return [ChatRequest([{"role": "user", "content": [{"type": "image", "image": pil[i % len(pil)]},
-                                                      {"type": "text", "text": f"What is the finding in image {i}?"}]}],
-                        GenerationParams(max_new_tokens=max_tokens, temperature=0.0)) for i in range(n)]
-
-
 def serve_part(work: Path, result_path: Path, s: dict) -> None:
     import asyncio
 
@@ -191,14 +139,8 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
                 res["server_at_max_clients"] = {k: lv[k] for k in ("clients", "requests", "ok", "errors",
                                                                    "wall_s", "req_per_s")}
                 _write_json(result_path, res)
-                alone = asyncio.run(_short_during_long(url, images, s["long_requests"], s["long_tokens"],
-                                                       s["short_tokens"], None))
-                mixed = asyncio.run(_short_during_long(url, images, s["long_requests"], s["long_tokens"],
-                                                       s["short_tokens"], 0.1 * alone["long_batch_s"]))
-                mixed["long_batch_alone_s"] = alone["long_batch_s"]
-                mixed["long_requests"] = s["long_requests"]
-                mixed["long_max_tokens"] = s["long_tokens"]
-                mixed["ratio"] = mixed["short_latency_s"] / mixed["long_batch_s"]
+                mixed = sl.measure_short_during_long(url, images, s["long_requests"], s["long_tokens"],
+                                                     s["short_tokens"])
                 res["short_during_long"] = mixed
                 _write_json(result_path, res)
         finally:
@@ -208,22 +150,8 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
     _write_json(result_path, res)
 
     # The standalone engine on the same requests, batch 32 (the server is stopped: the GPU is free).
-    import torch
-
-    from llavamed_core.infer import Engine
-
-    if s["device"] == "cpu":
-        torch.set_num_threads(1)
-    engine = Engine.load(ckpt, device=s["device"])
-    sync = torch.cuda.synchronize if s["device"].startswith("cuda") else (lambda: None)
-    engine.generate(_engine_requests(images, top, s["max_tokens"]), batch_size=top)  # warm-up
-    reqs = _engine_requests(images, s["ratio_requests"], s["max_tokens"])
-    sync()
-    t0 = time.perf_counter()
-    out = engine.generate(reqs, batch_size=top)
-    sync()
-    wall = time.perf_counter() - t0
-    eng = {"requests": len(reqs), "batch_size": top, "wall_s": wall, "req_per_s": len(out) / wall}
+    eng = sl.engine_standalone(ckpt, s["device"], images, s["ratio_requests"], top, s["max_tokens"],
+                               1 if s["device"] == "cpu" else None)
     res["engine_standalone"] = eng
     res["server_over_engine"] = res["server_at_max_clients"]["req_per_s"] / eng["req_per_s"]
     res["status"] = "ok"

@@ -6,9 +6,10 @@ is what the original LLaVA code did by default: random batches, each padded to i
 (our ``PaddingCollator`` behind a random sampler). The contender groups samples of similar length
 into batches (``LengthGroupedSampler`` over the lengths computed when tokenizing, no image read).
 Results are compared on a held-out set (mean loss on the answer tokens): equal results, less
-padding, more tokens per second. With ``--packing`` a third run puts each batch's samples end to
-end in one row (``TrainConfig(packing=True)``: no padding at all, attention kept within each
-sample) on the length-grouped run's batches, and is compared with it.
+padding, more tokens per second. With ``--packing`` a third run trains as ``train --packing`` does
+(``TrainConfig(packing=True)``): the baseline's random batches, each packed end to end into rows no
+wider than its longest sample (attention kept within each sample), and is compared with the
+length-grouped run.
 
 The data mimics LLaVA-Med's instruction set: 1–4 question/answer turns about one image, answers
 whose lengths follow a long-tailed (log-normal) distribution like figure captions and GPT-4
@@ -144,7 +145,7 @@ def main() -> None:
         rows = {}
         runs = [("random batches (baseline)", False, False), ("length-grouped (llavamed)", True, False)]
         if args.packing:
-            runs.append(("packed (--packing)", True, True))
+            runs.append(("packed (--packing)", False, True))
         for name, grouped, packing in runs:
             cfg = TrainConfig(stage="instruct", model=tmp / "ckpt", data=train_file, images=images,
                               out=tmp / ("packed" if packing else "grouped" if grouped else "random"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -108,9 +109,22 @@ def serve_command(
     run_server(config)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted (a handler bound
+    to the stream of the moment keeps writing to it after it is replaced or closed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     """Plain timestamped lines on stderr for our request log and uvicorn's own messages."""
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     debug = os.environ.get("LLAVAMED_DEBUG", "") not in ("", "0", "false")
     for name in ("llavamed", "uvicorn", "uvicorn.error"):

@@ -276,12 +276,17 @@ def test_bad_penalties_are_refused(tiny_engine):
 
 
 # ----------------------------------------------------------------------------- engine process
-def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_ckpt, tiny_engine, caplog):
+def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_ckpt, tiny_engine, caplog,
+                                                                           monkeypatch):
     import json
+    import logging
     import os
     import signal
     import time
     from concurrent.futures import ThreadPoolExecutor
+
+    # `llavamed serve` run in-process by an earlier test stops "llavamed" records at its own handler.
+    monkeypatch.setattr(logging.getLogger("llavamed"), "propagate", True)
 
     import httpx
 

@@ -70,7 +70,9 @@ class TrainConfig:
         on_long: samples longer than :attr:`max_length`: ``"truncate"`` drops whole trailing
             turn pairs until it fits (samples whose first exchange does not fit are dropped);
             ``"drop"`` drops them. Both are counted in the result.
-        group_by_length: batch samples of similar length together (less padding, same data).
+        group_by_length: batch samples of similar length together (less padding, same data);
+            ``None`` (the default): grouped, except with ``packing``, whose rows already carry
+            little padding — there batches are drawn at random (the original's order) and packed.
         packing: put each per-device batch's samples end to end in rows no wider than its longest
             sample (less padding; position ids restart per sample and attention stays within each
             sample). Same batches and steps as without.
@@ -126,7 +128,7 @@ class TrainConfig:
     save_total_limit: int = 2
     device: str | None = None
     on_long: str = "truncate"
-    group_by_length: bool = True
+    group_by_length: bool | None = None
     packing: bool = False
     num_workers: int | None = None
     overwrite: bool = False

@@ -263,10 +263,11 @@ def _training_arguments(cfg: TrainConfig, plan: BatchPlan, device: str, world_si
         save_only_model=False,
     )
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    grouped = cfg.group_by_length if cfg.group_by_length is not None else not cfg.packing
     if "train_sampling_strategy" in names:  # transformers ≥ 5.2x; earlier: group_by_length
-        kw["train_sampling_strategy"] = "group_by_length" if cfg.group_by_length else "random"
+        kw["train_sampling_strategy"] = "group_by_length" if grouped else "random"
     else:
-        kw["group_by_length"] = cfg.group_by_length
+        kw["group_by_length"] = grouped
     if cfg.gradient_checkpointing:
         # transformers 5.2x renamed the option; non-reentrant recomputation works with frozen inputs.
         key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
