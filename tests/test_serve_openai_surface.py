@@ -144,6 +144,9 @@ UNSUPPORTED = [
     ("top_logprobs", 2, "log probabilities"),
     ("logit_bias", {"50": 10}, "token biases"),
     ("modalities", ["text", "audio"], "output other than text"),
+    ("top_k", 5, "top-k sampling"),
+    ("min_p", 0.1, "min-p sampling"),
+    ("guided_choice", ["yes", "no"], "guided decoding"),
 ]
 
 

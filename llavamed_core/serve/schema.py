@@ -172,6 +172,17 @@ _UNSUPPORTED = {
     "modalities": ("output other than text", (["text"],), '["text"]'),
     "audio": ("audio output", (), None),
     "web_search_options": ("web search", (), None),
+    # vLLM's sampling extensions: `--engine vllm` would honour them and the native engine would not,
+    # so the two engines would answer one request differently. Refused unless they ask for nothing.
+    "top_k": ("top-k sampling", (-1, 0), None),
+    "min_p": ("min-p sampling", (0, 0.0), None),
+    "min_tokens": ("a minimum answer length", (0,), None),
+    "best_of": ("best-of sampling", (1,), None),
+    "use_beam_search": ("beam search", (False,), None),
+    "guided_json": ("guided decoding", (), None),
+    "guided_regex": ("guided decoding", (), None),
+    "guided_choice": ("guided decoding", (), None),
+    "guided_grammar": ("guided decoding", (), None),
 }
 
 
@@ -208,6 +219,15 @@ class ChatCompletionRequest(_Strict):
     modalities: Any = None
     audio: Any = None
     web_search_options: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    min_tokens: Any = None
+    best_of: Any = None
+    use_beam_search: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     @field_validator("messages")
     @classmethod
