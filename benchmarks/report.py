@@ -168,12 +168,12 @@ def _pct(x: Any) -> str:
 
 
 def _gpu(d: dict) -> str:
-    rows = []
-    for part in d.get("parts", d.get("rows", [])):
-        if isinstance(part, dict):
-            rows.append([part.get("part", part.get("name", "?")), part.get("summary", part.get("status", ""))])
-    head = f"Card: {d.get('device', d.get('gpu', '?'))}."
-    return head + ("\n\n" + _table(["part", "result"], rows) if rows else "")
+    """The suite's own Markdown (``gpu_suite.render_markdown``), its headings nested under this section."""
+    sys.path.insert(0, str(HERE))
+    import gpu_suite
+
+    lines = gpu_suite.render_markdown(d).splitlines()
+    return "\n".join("##" + ln if ln.startswith("#") else ln for ln in lines).strip()
 
 
 BENCHES: list[Bench] = [

@@ -359,10 +359,9 @@ def launch_training(cfg: Any, spec: LaunchSpec, device: str) -> tuple[int, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / LAUNCH_CONFIG
     atomic_write_json(config_file, config_to_dict(cfg))
-    fd, result_name = tempfile.mkstemp(prefix="llavamed-result-", suffix=".json")
-    os.close(fd)
-    result_file = Path(result_name)
-    result_file.unlink()
+    # Node-local (another node's launcher may share the run dir): rank 0 runs on this machine.
+    scratch = tempfile.TemporaryDirectory(prefix="llavamed-result-")
+    result_file = Path(scratch.name) / "result.json"
     logs = run_dir / "logs"
     code = 1
     try:
@@ -378,7 +377,7 @@ def launch_training(cfg: Any, spec: LaunchSpec, device: str) -> tuple[int, Any]:
                     data[key] = Path(data[key])
             result = TrainResult(**data)
     finally:
-        result_file.unlink(missing_ok=True)
+        scratch.cleanup()
         _tidy_run_dir(run_dir, ok=code == 0)
     return code, result
 

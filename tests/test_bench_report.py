@@ -56,3 +56,11 @@ def test_last_json_finds_one_line_and_indented_documents(report):
     assert report.last_json("x\n" + json.dumps({"b": [1, 2]}, indent=2) + "\n") == {"b": [1, 2]}
     with pytest.raises(ValueError):
         report.last_json("no json here\n")
+
+
+def test_gpu_section_is_the_suites_own_table_nested_under_its_heading(report):
+    rec = {"started": "2026-11-28 10:00:00", "elapsed_s": 1.0, "budget_s": 430, "smoke": False,
+           "parts": {}, "device": "NVIDIA H200", "selected": []}
+    text = report.GPU.render(rec)
+    assert text.startswith("### GPU suite — NVIDIA H200")
+    assert "#### Serving" in text and "\n## " not in text and "\n# " not in text

@@ -195,10 +195,10 @@ def one_gpu(monkeypatch):
 
 def test_train_gpus_beyond_those_present_stops_before_launch(cli, tiny_ckpt, synth_data, tmp_path, one_gpu,
                                                              monkeypatch):
-    import llavamed_core.train.parallel as parallel
+    import llavamed_core.launch as launcher
 
     launched = []
-    monkeypatch.setattr(parallel, "launch", lambda *a, **k: launched.append(a) or 0)
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: launched.append(a) or 0)
     r = cli("train", "instruct", "--model", tiny_ckpt, "--data", synth_data / "instruct.json",
             "--images", synth_data / "images", "--out", tmp_path / "out", "--gpus", "2", *FAST)
     assert r.exit_code == 1, r

@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ConfigError, DependencyError, TrainingError
-from ..launch import LAUNCHED_ENV, LaunchSpec, launch, torchrun_command  # noqa: F401  (the launcher's home)
 
-__all__ = ["LAUNCHED_ENV", "WorldInfo", "world_info", "deepspeed_config", "fsdp_config", "fsdp_wrap_classes",
+__all__ = ["WorldInfo", "world_info", "deepspeed_config", "fsdp_config", "fsdp_wrap_classes",
            "layer_classes", "single_process_world", "engage_fsdp_on_cpu", "mechanism_report",
-           "describe_mechanism", "check_gpu_count", "LaunchSpec", "torchrun_command", "launch"]
+           "describe_mechanism", "check_gpu_count"]
 
 _DS_DIR = Path(__file__).with_name("ds_configs")
 
