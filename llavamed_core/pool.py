@@ -10,7 +10,8 @@ in completion order, to the calling thread, which alone writes output files:
   ones running and one queued per worker, so a worker never idles while the consumer writes), so a
   plan of hundreds of thousands of tarballs never becomes as many queued jobs;
 - **prompt stop**: an exception a job raises is re-raised in the consumer at once (unless its type
-  is in ``return_errors``: then it is yielded in place of the result and the run goes on). When the
+  is in ``return_errors``: then it is yielded in place of the result and the run goes on); the
+  worker sets ``stop`` before it reports the error, so no queued job starts after it. When the
   consumer stops for any reason (an error, Ctrl-C, leaving the loop) the ``stop`` event is set,
   queued jobs are skipped, and running jobs that poll ``stop`` end; the threads are daemons, so the
   process can exit without waiting for them. That is safe because every job writes through
@@ -68,7 +69,9 @@ def map_unordered(fn: Callable[[T], R], items: Iterable[T], workers: int, *,
                 continue
             try:
                 results.put((item, fn(item), True))
-            except BaseException as exc:  # handed to the consumer, which decides
+            except BaseException as exc:  # handed to the consumer, which raises it
+                if not isinstance(exc, return_errors):
+                    stop.set()  # before this worker takes the next item: no job starts after a fatal error
                 results.put((item, exc, False))
 
     it = iter(items)

@@ -68,6 +68,24 @@ def test_a_job_error_reaches_the_consumer_and_stops_the_rest():
     assert len(ran) < 20  # items are taken lazily and what was queued is skipped, not run
 
 
+def test_one_worker_starts_nothing_after_a_fatal_error():
+    """A 401 with ``--concurrency 1`` must be the only request: the worker stops itself before it
+    takes the queued item, however late the consumer thread gets to see the error."""
+    started: list[int] = []
+
+    def job(x: int) -> int:
+        started.append(x)
+        if x == 0:
+            raise ValueError("fatal")
+        return x
+
+    for _ in range(50):  # the race needs no sleep to show: run it many times
+        started.clear()
+        with pytest.raises(ValueError):
+            list(map_unordered(job, range(10), 1))
+        assert started == [0]
+
+
 def test_chosen_errors_are_results():
     class Soft(Exception):
         pass
