@@ -7,9 +7,9 @@ is what the original LLaVA code did by default: random batches, each padded to i
 into batches (``LengthGroupedSampler`` over the lengths computed when tokenizing, no image read).
 Results are compared on a held-out set (mean loss on the answer tokens): equal results, less
 padding, more tokens per second. With ``--packing`` a third run trains as ``train --packing`` does
-(``TrainConfig(packing=True)``): the baseline's random batches, each packed end to end into rows no
-wider than its longest sample (attention kept within each sample), and is compared with the
-length-grouped run.
+(``TrainConfig(packing=True)``): the baseline's random batches, each packed end to end into ONE row
+with no padding, the language model attending within each sample only (SDPA per sample, no mask
+tensor; ``llavamed_core.train.packed_attention``), and is compared with the length-grouped run.
 
 The data mimics LLaVA-Med's instruction set: 1–4 question/answer turns about one image, answers
 whose lengths follow a long-tailed (log-normal) distribution like figure captions and GPT-4

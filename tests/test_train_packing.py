@@ -1,14 +1,19 @@
 """Packed training (``--packing``): several conversations per row, no padding, no attention across them.
 
 The contract: a packed batch computes, token for token, what the same samples compute padded in
-a batch of their own (per-token losses equal within float tolerance), for both attention kernels;
-and a packed training run makes the same updates as the padded run on the same batches.
+a batch of their own (per-token losses and gradients equal within float tolerance), for every
+attention kernel and layout (the packed SDPA of ``llavamed_core.train.packed_attention`` on one row
+or several, transformers' sdpa and eager with their block-diagonal mask); a packed training run
+makes the same updates as the padded run on the same batches; and the packed attention never
+leaves the training run (the saved checkpoint loads in stock transformers with sdpa).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -54,24 +59,40 @@ def mixed_data(synth_data, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("attn,rows_wanted", [("sdpa", None), ("eager", None), ("sdpa", 1)])
-def test_packed_per_token_losses_equal_unpadded(tiny_ckpt, mixed_data, attn, rows_wanted):
-    import torch
+def _model(ckpt, attn):
+    """The checkpoint with ``attn`` on its language model (the packed SDPA set as training sets it)."""
     from transformers import LlavaForConditionalGeneration
+
+    from llavamed_core.train.packed_attention import PACKED_ATTENTION, use_language_attention
+
+    model = LlavaForConditionalGeneration.from_pretrained(ckpt, attn_implementation="sdpa" if attn == PACKED_ATTENTION
+                                                          else attn)
+    if attn == PACKED_ATTENTION:
+        use_language_attention(model, attn)
+        assert model.config.vision_config._attn_implementation == "sdpa"  # the vision tower keeps its own
+    return model.eval()
+
+
+PACKED = "llavamed_packed_sdpa"  # llavamed_core.train.packed_attention.PACKED_ATTENTION
+
+
+@pytest.mark.parametrize("attn,row_tokens", [(PACKED, None), (PACKED, 0), ("sdpa", 0), ("eager", 0), ("sdpa", None)])
+def test_packed_per_token_losses_equal_unpadded(tiny_ckpt, mixed_data, attn, row_tokens):
+    import torch
 
     from llavamed_core.train.dataset import PackingCollator, PaddingCollator
 
     feats, processor = _dataset(tiny_ckpt, mixed_data, 7)
     lengths = [len(f["input_ids"]) for f in feats]
     assert len(set(lengths)) > 1  # different lengths: a padded batch needs padding
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_ckpt, attn_implementation=attn).eval()
+    model = _model(tiny_ckpt, attn)
 
-    # Rows as wide as the longest sample (the default), or all samples in one row.
-    collate = PackingCollator(processor.tokenizer.pad_token_id, sum(lengths) if rows_wanted == 1 else None)
+    # All samples in one row (the default), or rows as wide as the longest sample (first-fit decreasing).
+    collate = PackingCollator(processor.tokenizer.pad_token_id, row_tokens)
     rows = collate.layout(lengths)
     assert sorted(i for row in rows for i in row) == list(range(len(feats)))
     assert 1 < max(len(row) for row in rows) and len(rows) < len(feats)  # some row holds several samples
-    assert len(rows) == (rows_wanted or len(rows))
+    assert len(rows) == 1 if row_tokens is None else len(rows) > 1
     packed = collate(feats)
     assert "attention_mask" not in packed and int(packed["num_real_tokens"]) == sum(lengths)
     assert packed["input_ids"].shape[0] == len(rows) and packed["pixel_values"].shape[0] == len(feats)
@@ -97,6 +118,127 @@ def test_packed_per_token_losses_equal_unpadded(tiny_ckpt, mixed_data, attn, row
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     ce_l, _ = _token_losses(model, leaky)
     assert not torch.allclose(ce_l[m_p], ce_p[m_p], atol=1e-3)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_packed_attention_gradients_equal_unpadded(tiny_ckpt, mixed_data, tmp_path, kv_heads):
+    """One packed row through the packed SDPA: the same summed answer loss and the same gradient for
+    every parameter (language model, projector, vision tower) as the samples padded through sdpa;
+    also with grouped-query attention (one key/value head for four query heads, as Mistral groups)."""
+    import torch
+
+    from llavamed_core.model import build_from_preset, save_checkpoint
+    from llavamed_core.train.dataset import PackingCollator, PaddingCollator
+
+    if kv_heads is not None:
+        model, processor = build_from_preset("tiny", seed=1, text_overrides={"num_key_value_heads": kv_heads})
+        assert model.config.text_config.num_attention_heads > kv_heads
+        save_checkpoint(model, processor, tmp_path / "gqa")
+        tiny_ckpt = tmp_path / "gqa"
+    feats, processor = _dataset(tiny_ckpt, mixed_data, 6)
+    pad_id = processor.tokenizer.pad_token_id
+
+    def loss_and_grads(model, batch):
+        batch = dict(batch)
+        batch.pop("num_real_tokens", None)
+        labels = batch.pop("labels")
+        model.zero_grad()
+        logits = model(**batch).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="sum")
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_p, grads_p = loss_and_grads(_model(tiny_ckpt, PACKED), PackingCollator(pad_id)(feats))
+    loss_u, grads_u = loss_and_grads(_model(tiny_ckpt, "sdpa"), PaddingCollator(pad_id)(feats))
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-4)
+    assert grads_p.keys() == grads_u.keys()
+    assert all(any(n.startswith(part) for n in grads_p)
+               for part in ("model.language_model", "model.multi_modal_projector", "model.vision_tower", "lm_head"))
+    for name in grads_u:
+        torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_packed_attention_builds_no_mask_and_keeps_padded_batches(tiny_ckpt, mixed_data):
+    """The packed attention's mask function builds no mask for a packed row (sdpa builds a dense
+    one); a padded batch (the eval loss, generation) gets transformers' own mask and kernel, logit
+    for logit what an sdpa model computes."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    from llavamed_core.train.dataset import PackingCollator, PaddingCollator
+
+    feats, processor = _dataset(tiny_ckpt, mixed_data, 4)
+    packed = PackingCollator(processor.tokenizer.pad_token_id)(feats)
+    ours, stock = _model(tiny_ckpt, PACKED), _model(tiny_ckpt, "sdpa")
+    embeds = torch.zeros(1, packed["input_ids"].shape[1], 8)
+    args = dict(inputs_embeds=embeds, attention_mask=None, cache=None, position_ids=packed["position_ids"])
+    assert create_causal_mask(config=ours.config.text_config, **args) is None
+    dense = create_causal_mask(config=stock.config.text_config, **args)
+    assert dense is not None and tuple(dense.shape[-2:]) == (embeds.shape[1],) * 2
+
+    padded = PaddingCollator(processor.tokenizer.pad_token_id)(feats)
+    padded.pop("labels")
+    assert not padded["attention_mask"].all()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**padded).logits, stock(**padded).logits, rtol=0, atol=0)
+
+
+def test_segment_bounds_follow_transformers_rule():
+    """Sample spans from the position ids are the ones transformers' own packed-sequence detection
+    finds (several rows, a padding segment, a one-token sample), and flash-attention's cumulative
+    lengths for a one-row batch give the same spans."""
+    import torch
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    from llavamed_core.train.packed_attention import _bounds_from_cu_seq_lens, segment_bounds
+
+    lengths = [[5, 1, 7, 3], [9, 4, 3]]  # the second row ends with a padding segment of 3
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    bounds = segment_bounds(pos, 2, pos.shape[1])
+    ids = find_packed_sequence_indices(pos)
+    for r, spans in enumerate(bounds):
+        assert [e - s for s, e in spans] == lengths[r]
+        assert [int(ids[r, s]) for s, _ in spans] == list(range(len(spans)))
+        assert all(bool((ids[r, s:e] == ids[r, s]).all()) for s, e in spans)
+    assert segment_bounds(torch.arange(6)[None], 3, 6) == [[(0, 6)]] * 3  # unsqueezed, not packed
+    cu = torch.tensor([0, 5, 6, 13, 16], dtype=torch.int32)
+    assert _bounds_from_cu_seq_lens(cu, 16) == bounds[:1]
+    assert _bounds_from_cu_seq_lens(cu, 17) is None  # does not describe this row: position ids decide
+
+
+def test_packing_plan_per_attention():
+    from types import SimpleNamespace
+
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.train.packed_attention import PACKED_ATTENTION
+    from llavamed_core.train.packed_attention import packing_plan as plan
+
+    def packing_plan(attn, text_config, max_length):
+        p = plan(attn, text_config, max_length)
+        return p.language_attention, p.row_tokens
+
+    plain = SimpleNamespace(sliding_window=None)
+    assert packing_plan("sdpa", plain, 2048) == (PACKED_ATTENTION, None)  # one row, ours
+    assert packing_plan("flash_attention_2", plain, 2048) == (None, None)  # one row, flash varlen
+    assert packing_plan("eager", plain, 2048) == (None, 0)  # dense mask: narrow rows
+    # a sliding window shorter than a sample: per-sample SDPA would not apply it, stock sdpa does
+    assert packing_plan("sdpa", SimpleNamespace(sliding_window=512), 2048) == (None, 0)
+    assert packing_plan("sdpa", SimpleNamespace(sliding_window=4096), 2048) == (PACKED_ATTENTION, None)
+    with pytest.raises(ConfigError, match="--packing with attention 'flex_attention'"):
+        packing_plan("flex_attention", plain, 2048)
+
+
+def test_packing_refuses_unknown_attention_before_loading(tiny_ckpt, synth_data, tmp_path):
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.train import TrainConfig, train
+
+    cfg = TrainConfig(stage="instruct", model=tiny_ckpt, data=synth_data / "instruct.json", out=tmp_path / "out",
+                      images=synth_data / "images", max_steps=1, device="cpu", packing=True,
+                      attn_implementation="flex_attention")
+    with pytest.raises(ConfigError) as exc:
+        train(cfg)
+    assert "sdpa" in exc.value.hint
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
 
 
 def test_packed_training_matches_padded_and_learns(tiny_ckpt, mixed_data, tmp_path):
@@ -129,6 +271,19 @@ def test_packed_training_matches_padded_and_learns(tiny_ckpt, mixed_data, tmp_pa
     assert any((b[k] - start[k]).abs().max() > 1e-3 for k in b)  # it trained
     assert len(losses["packed"]) == 6 and losses["packed"][-1] < losses["packed"][0] - 0.3  # and learnt
     assert json.loads((tmp_path / "packed" / "train_config.json").read_text())["packing"] is True
+    # It ran the packed SDPA on one row per batch: no padding at all.
+    assert packed.mechanism["language_attention"] == PACKED and padded.mechanism["language_attention"] == "sdpa"
+    assert packed.mechanism["packing"] == "one row per batch, SDPA per sample" and packed.padding_share == 0
+    # The attention never leaves the run: no file of the output names it, and stock transformers (a
+    # fresh process that never imported llavamed) loads the checkpoint with sdpa.
+    for f in (tmp_path / "packed").rglob("*.json"):
+        assert PACKED not in f.read_text(), f
+    code = ("import sys; from transformers import LlavaForConditionalGeneration as L; "
+            "m = L.from_pretrained(sys.argv[1]); assert 'llavamed' not in sys.modules; "
+            "print(m.config.text_config._attn_implementation, m.config.vision_config._attn_implementation)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "packed")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["sdpa", "sdpa"]
 
 
 def test_cli_packing_flag(cli, tiny_ckpt, synth_data, tmp_path):

@@ -45,13 +45,17 @@ class RunningBatch:
         engine: the :class:`~.engine.Engine`.
         on_delta: called with ``(key, new text)`` as a row's text grows.
         should_stop: called with a row's key each step; ``True`` cancels that row.
+        streams: called with a row's key when it joins; ``False`` gives it no ``on_delta`` (its
+            text is then decoded once, at the end). Default: every row streams.
     """
 
     def __init__(self, engine: Any, on_delta: Callable[[Any, str], None] | None = None,
-                 should_stop: Callable[[Any], bool] | None = None):
+                 should_stop: Callable[[Any], bool] | None = None,
+                 streams: Callable[[Any], bool] | None = None):
         self.engine = engine
         self.on_delta = on_delta
         self.should_stop = should_stop
+        self.streams = streams
         self.rows: list[Any] = []
         """The running rows (``engine._Row``), in batch order."""
         self._cache: Any = None
@@ -104,7 +108,9 @@ class RunningBatch:
             if len(prompt) >= eng.context_length:
                 raise ConfigError(f"request {b}: the prompt has {len(prompt)} tokens, the context "
                                   f"length is {eng.context_length}", "shorten the conversation")
-            rows.append(eng._new_row(key, req, prompt))
+            row = eng._new_row(key, req, prompt)
+            row.streaming = self.on_delta is not None and (self.streams is None or bool(self.streams(key)))
+            rows.append(row)
         cache = DynamicCache(config=eng.model.config.get_text_config())
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
@@ -169,11 +175,12 @@ class RunningBatch:
         eng = self.engine
         finished, keep = [], []
         for b, row in enumerate(rows):
-            eng._advance(row, picked[b], self.on_delta, self.should_stop)
+            on_delta = self.on_delta if row.streaming else None
+            eng._advance(row, picked[b], on_delta, self.should_stop)
             if row.finish is None:
                 keep.append(b)
             else:
-                finished.append((row.index, eng._result(row, self.on_delta)))
+                finished.append((row.index, eng._result(row, on_delta)))
         return finished, keep
 
     def _select(self, keep: list[int]) -> None:

@@ -192,6 +192,8 @@ class _Row:
     prompt_ids: list[int] = field(default_factory=list)
     penalties: Any = None
     """A :class:`~.penalties.RowPenalties` when the request has penalties (made at the first pick)."""
+    streaming: bool = True
+    """Whether the row's text is streamed (``on_delta``) as it grows."""
     ids: list[int] = field(default_factory=list)
     text: str = ""
     """The text so far, decoded incrementally (the final text is decoded whole once)."""
@@ -498,13 +500,15 @@ class Engine(Preparer):
                 gen.close()
 
     def running_batch(self, on_delta: Callable[[Any, str], None] | None = None,
-                      should_stop: Callable[[Any], bool] | None = None) -> Any:
+                      should_stop: Callable[[Any], bool] | None = None,
+                      streams: Callable[[Any], bool] | None = None) -> Any:
         """An empty :class:`~.batch.RunningBatch` on this engine: requests join it between decode
         steps (``admit``) and leave it when they finish (iteration-level batching, for a server).
-        The caller runs it from one thread and holds no other generation at the same time."""
+        The caller runs it from one thread and holds no other generation at the same time.
+        ``streams(key)`` says whether a request wants ``on_delta`` (default: all do)."""
         from .batch import RunningBatch
 
-        return RunningBatch(self, on_delta, should_stop)
+        return RunningBatch(self, on_delta, should_stop, streams)
 
     # ------------------------------------------------------------------ internals
     def _decode(self, items: list[tuple[Any, ChatRequest]],
@@ -628,7 +632,8 @@ class Engine(Preparer):
 
         The text grows incrementally (the way vLLM's and TGI's detokenizers do: the new tokens
         decoded with a few tokens of context before them), so a step costs the same at token 5
-        and at token 500; the final text is decoded whole once, in :meth:`_result`.
+        and at token 500; the final text is decoded whole once, in :meth:`_result`. A row that
+        neither streams nor has stop strings skips the incremental text: nothing reads it.
         """
         if should_stop is not None and should_stop(row.index):
             row.finish = "cancelled"
@@ -639,6 +644,10 @@ class Engine(Preparer):
         row.ids.append(token)
         if row.penalties is not None:
             row.penalties.add(token)
+        if on_delta is None and not row.stops:  # nothing reads the text before the end
+            if len(row.ids) >= row.max_new:
+                row.finish = "length"
+            return
         before = len(row.committed)  # never changes; the tail after it may be re-decoded
         prefix = self._decode_ids(row.ids[row.prefix_offset:row.read_offset])
         window = self._decode_ids(row.ids[row.prefix_offset:])

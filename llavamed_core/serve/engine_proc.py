@@ -8,8 +8,12 @@ HTTP event loop never competes with the decode loop for one interpreter lock.
 
 They talk through two ``multiprocessing`` queues: ``submit``/``cancel``/``close`` go down;
 ``ready``/``failed`` (once, after loading), then ``delta``/``done``/``error`` per job come up,
-each ``done``/``error`` with the scheduler's counters. A reader thread in the API process hands
-each event to its job's sink, the same ``sink(kind, payload)`` the in-process scheduler calls.
+each ``done``/``error`` with the scheduler's counters. The events of one round of the decode
+loop (a prefill and a step) travel as one message, and prepared tensors as numpy arrays pickled
+inline: per-event messages and torch's shared-memory tensors (a file descriptor handed over
+through a fresh authenticated socket each) cost more than the work of a small model's request.
+A reader thread in the API process hands each event to its job's sink, the same
+``sink(kind, payload)`` the in-process scheduler calls.
 
 If the engine process dies, every request in flight gets :class:`EngineDied` (503), the reason
 is logged once, and :attr:`EngineProcess.failure` says so (``/health`` 503, new requests 503):
@@ -150,7 +154,7 @@ class EngineProcess:
             job = RemoteJob(request=request, sink=sink, stream=stream, job_id=next(self._ids),
                             on_cancel=self._cancel)
             self._jobs[job.job_id] = job
-        self._down.put(("submit", job.job_id, request, stream))
+        self._down.put(("submit", job.job_id, _to_wire(request), stream))
         return job
 
     def close(self, timeout: float = 30.0) -> None:
@@ -190,22 +194,27 @@ class EngineProcess:
             except (EOFError, OSError):
                 self._died()
                 return
-            kind = msg[0]
-            if kind == "closed":
+            if msg[0] == "closed":
                 return
-            job = self._jobs.get(msg[1])
-            if kind == "delta":
-                if job is not None:
-                    _call(job, "delta", msg[2])
-                continue
-            with self._lock:
-                self._jobs.pop(msg[1], None)
-            self.stats = SchedulerStats(**msg[3]["stats"])
-            self.queued = msg[3]["queued"]
-            if job is None:
-                continue
-            job.started_at, job.finished_at, job.batch_size = msg[3]["timing"]
-            _call(job, kind, msg[2] if kind == "done" else _rebuild(msg[2]))
+            for event in msg[1] if msg[0] == "events" else (msg,):
+                self._handle(event)
+
+    def _handle(self, msg: tuple) -> None:
+        """Deliver one ``delta``/``done``/``error`` event to its job."""
+        kind = msg[0]
+        job = self._jobs.get(msg[1])
+        if kind == "delta":
+            if job is not None:
+                _call(job, "delta", msg[2])
+            return
+        with self._lock:
+            self._jobs.pop(msg[1], None)
+        self.stats = SchedulerStats(**msg[3]["stats"])
+        self.queued = msg[3]["queued"]
+        if job is None:
+            return
+        job.started_at, job.finished_at, job.batch_size = msg[3]["timing"]
+        _call(job, kind, msg[2] if kind == "done" else _rebuild(msg[2]))
 
     def _died(self) -> None:
         if self._closing:
@@ -228,6 +237,35 @@ def _call(job: Job, kind: str, payload: Any) -> None:
     except Exception:  # a broken sink (closed event loop) must not stop the reader
         log.debug("could not deliver %s to a job", kind, exc_info=True)
         job.cancelled = True
+
+
+def _to_wire(request: Any) -> Any:
+    """``request`` with its prepared tensors as numpy arrays, pickled inline into the queue.
+
+    A torch tensor put on a ``multiprocessing`` queue travels as a shared-memory file handed over
+    through a fresh authenticated socket per tensor: per request, that costs more than the tensor.
+    """
+    import copy
+
+    prepared = getattr(request, "prepared", None)
+    if prepared is None or not prepared.tensors:
+        return request
+    wired = copy.copy(request)
+    wired.prepared = copy.copy(prepared)
+    wired.prepared.tensors = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in prepared.tensors.items()}
+    return wired
+
+
+def _from_wire(request: Any) -> Any:
+    """The request :func:`_to_wire` sent, its arrays back as torch tensors."""
+    import numpy as np
+    import torch
+
+    prepared = getattr(request, "prepared", None)
+    if prepared is not None and prepared.tensors:
+        prepared.tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                            for k, v in prepared.tensors.items()}
+    return request
 
 
 def _describe(exc: BaseException) -> dict:
@@ -279,19 +317,30 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
                              "rerun with LLAVAMED_DEBUG=1 for the traceback")
         up.put(("failed", _describe(exc)))
         return
+    outbox: list[tuple] = []  # events of this round, sent together by flush()
+    outbox_lock = threading.Lock()
+
+    def flush() -> None:
+        with outbox_lock:  # put under the lock: two flushing threads keep the events in order
+            if outbox:
+                up.put(("events", outbox[:]))
+                outbox.clear()
+
     sched = BatchScheduler(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                           max_queue=config.limits.max_queue + config.max_batch)
+                           max_queue=config.limits.max_queue + config.max_batch, after_round=flush)
     jobs: dict[int, Job] = {}
 
     def sink_for(job_id: int) -> Any:
         def sink(kind: str, payload: Any) -> None:
             if kind == "delta":
-                up.put(("delta", job_id, payload))
-                return
-            job = jobs.pop(job_id, None)
-            info = {"stats": asdict(sched.stats), "queued": sched.queued,
-                    "timing": (job.started_at, job.finished_at, job.batch_size) if job else (None, None, 0)}
-            up.put((kind, job_id, payload if kind == "done" else _describe(payload), info))
+                event: tuple = ("delta", job_id, payload)
+            else:
+                job = jobs.pop(job_id, None)
+                info = {"stats": asdict(sched.stats), "queued": sched.queued,
+                        "timing": (job.started_at, job.finished_at, job.batch_size) if job else (None, None, 0)}
+                event = (kind, job_id, payload if kind == "done" else _describe(payload), info)
+            with outbox_lock:
+                outbox.append(event)
         return sink
 
     up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length}))
@@ -302,18 +351,22 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
             if parent is not None and not parent.is_alive():  # the API process was killed
                 sched.close(timeout=0)
                 return
+            flush()  # events from outside the decode loop's rounds (a closing scheduler)
             continue
         if msg[0] == "submit":
             _, job_id, request, stream = msg
+            request = _from_wire(request)
             try:
                 jobs[job_id] = sched.submit(request, sink_for(job_id), stream=stream)
             except (QueueFull, SchedulerClosed) as exc:
                 sink_for(job_id)("error", exc)
+                flush()
         elif msg[0] == "cancel":
             job = jobs.get(msg[1])
             if job is not None:
                 job.cancel()
         elif msg[0] == "close":
             sched.close()
+            flush()
             up.put(("closed",))
             return

@@ -36,12 +36,13 @@ def api_router(state: Any) -> APIRouter:
     """The routes, answering from ``state`` (the app's :class:`~.app.ServerState`)."""
     config = state.config
     router = APIRouter()
+    model_name = config.model_name  # resolved once: a path resolve per request shows in profiles
 
     def served(name: str) -> bool:
-        return name in (config.model_name, str(config.model))
+        return name in (model_name, str(config.model))
 
     def model_card() -> dict:
-        card: dict[str, Any] = {"id": config.model_name, "object": "model",
+        card: dict[str, Any] = {"id": model_name, "object": "model",
                                 "created": int(state.started), "owned_by": "llavamed"}
         if state.backend.context_length:
             card["max_model_len"] = state.backend.context_length
@@ -49,11 +50,11 @@ def api_router(state: Any) -> APIRouter:
 
     def not_found(name: str) -> APIError:
         return APIError(404, f"the model '{name[:100]}' does not exist; this server serves "
-                             f"'{config.model_name}'", "invalid_request_error", "model", "model_not_found")
+                             f"'{model_name}'", "invalid_request_error", "model", "model_not_found")
 
     @router.get("/health")
     async def health() -> Any:
-        body: dict[str, Any] = {"model": config.model_name, "engine": config.engine}
+        body: dict[str, Any] = {"model": model_name, "engine": config.engine}
         if state.backend.ready:
             body.update(status="ok", **state.backend.stats())
             return JSONResponse(body)
@@ -106,7 +107,7 @@ def api_router(state: Any) -> APIRouter:
             while (await request.receive())["type"] != "http.disconnect":
                 continue
 
-        ctx = RequestContext(rec["id"], config.model_name, rec, wait_disconnect)
+        ctx = RequestContext(rec["id"], model_name, rec, wait_disconnect)
         if chat.stream:
             events = await state.backend.stream(chat, ctx, body)
             return StreamingResponse(events, media_type="text/event-stream",

@@ -112,12 +112,16 @@ class BatchScheduler:
         max_queue: most queued (not yet running) requests.
         check: called in the worker thread with each request right before it is admitted; an
             exception it raises fails that request alone (e.g. a prompt over the context length).
+        after_round: called in the worker thread after each round of admitting and stepping
+            (the engine process sends the round's events to the API process in one message).
     """
 
     def __init__(self, engine: Any, max_batch: int = 16, max_wait_ms: float = 10.0,
-                 max_queue: int = 256, check: Callable[[Any], None] | None = None):
+                 max_queue: int = 256, check: Callable[[Any], None] | None = None,
+                 after_round: Callable[[], None] | None = None):
         self.engine = engine
         self.check = check
+        self.after_round = after_round
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -214,6 +218,8 @@ class BatchScheduler:
                 self._admit(batch, jobs)
             if batch.rows:
                 self._step(batch)
+            if self.after_round is not None:
+                self.after_round()
 
     def _new_batch(self) -> Any:
         def on_delta(job: Job, text: str) -> None:
@@ -221,7 +227,7 @@ class BatchScheduler:
                 job.sent.append(text)
                 _deliver(job, "delta", text)
 
-        return self.engine.running_batch(on_delta, lambda job: job.cancelled)
+        return self.engine.running_batch(on_delta, lambda job: job.cancelled, lambda job: job.stream)
 
     def _admit(self, batch: Any, jobs: list[Job]) -> None:
         """Prefill queued jobs into the running batch; a failed prefill of several is retried

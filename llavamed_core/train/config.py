@@ -73,9 +73,10 @@ class TrainConfig:
         group_by_length: batch samples of similar length together (less padding, same data);
             ``None`` (the default): grouped, except with ``packing``, whose rows already carry
             little padding — there batches are drawn at random (the original's order) and packed.
-        packing: put each per-device batch's samples end to end in rows no wider than its longest
-            sample (less padding; position ids restart per sample and attention stays within each
-            sample). Same batches and steps as without.
+        packing: put each per-device batch's samples end to end in one row, without padding
+            (position ids restart per sample and attention stays within each sample: per-sample
+            SDPA, flash-attention's varlen kernel, or with ``eager`` a block-diagonal mask over rows
+            no wider than the longest sample). Same batches and steps as without.
         num_workers: DataLoader worker processes (``None``: 0 on CPU, 4 on CUDA).
         overwrite: replace an existing ``out``.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: flash-attn on

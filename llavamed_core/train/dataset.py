@@ -346,22 +346,29 @@ class PaddingCollator:
 class PackingCollator:
     """Packs a batch's samples end to end into rows: no attention across samples, little padding.
 
-    Samples are placed, longest first, into the first row with room (first-fit decreasing); a row
-    holds at most ``max(row_tokens, longest sample)`` tokens, so attention never spans more than a
-    padded batch's row would. In a row the samples' ``input_ids`` and ``labels`` follow each other;
-    ``position_ids`` restart at 0 for each sample and there is no ``attention_mask``: transformers
-    then detects the packed format from the position ids and gives every sample a causal mask of
-    its own (block-diagonal; varlen kernels with flash-attention 2), as ``DataCollatorWithFlattening``
-    does. Rows shorter than the longest end with a padding segment of their own (labels −100). The
-    first label of every sample is −100, so no token is trained to predict across a boundary.
-    ``pixel_values`` are stacked in the order the samples appear (row by row): Llava scatters image
-    features into the ``<image>`` positions in that order. ``use_cache`` is off (with a KV cache the
-    model would not look for packed sequences). ``num_real_tokens`` carries the count of non-padding
-    tokens for the trainer's accounting (taken out before the model sees the batch).
+    By default (``row_tokens=None``) the whole batch becomes ONE row with no padding at all, in the
+    samples' order, as transformers' ``DataCollatorWithFlattening`` does: for attention kernels
+    that keep the samples apart without a dense mask (the packed SDPA of
+    :mod:`~llavamed_core.train.packed_attention`, flash-attention's varlen path), whose cost is
+    ``sum(len_i²)`` whatever the row's width. With ``row_tokens`` set, samples are placed, longest
+    first, into the first row with room (first-fit decreasing) in rows of at most
+    ``max(row_tokens, longest sample)`` tokens (``0``: the longest sample): for kernels that attend
+    through a dense block-diagonal mask (``eager``), whose cost grows with the row's width squared.
+
+    In a row the samples' ``input_ids`` and ``labels`` follow each other; ``position_ids`` restart
+    at 0 for each sample and there is no ``attention_mask``: the attention learns each sample's span
+    from the position ids. Rows shorter than the widest end with a padding segment of their own
+    (labels −100). The first label of every sample is −100, so no token is trained to predict
+    across a boundary. ``pixel_values`` are stacked in the order the samples appear (row by row):
+    Llava scatters image features into the ``<image>`` positions in that order. ``use_cache`` is off
+    (with a KV cache the model would not look for packed sequences). ``num_real_tokens`` carries the
+    count of non-padding tokens for the trainer's accounting (taken out before the model sees the
+    batch).
 
     Args:
         pad_token_id: the tokenizer's pad id (for the padding segments).
-        row_tokens: a row's capacity in tokens (``None``: the batch's longest sample).
+        row_tokens: a row's capacity in tokens (``None``: the whole batch in one row; ``0``: the
+            batch's longest sample).
         pad_to_multiple_of: round the row length up (8 helps tensor cores on GPU).
     """
 
@@ -372,7 +379,9 @@ class PackingCollator:
 
     def layout(self, lengths: list[int]) -> list[list[int]]:
         """The sample indices of each row, in their order within the row."""
-        capacity = max(self.row_tokens or 0, max(lengths))
+        if self.row_tokens is None:
+            return [list(range(len(lengths)))]
+        capacity = max(self.row_tokens, max(lengths))
         rows: list[list[int]] = []
         room: list[int] = []
         for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):

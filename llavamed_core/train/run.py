@@ -464,6 +464,12 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     processor = AutoProcessor.from_pretrained(cfg.model)
     model_config = AutoConfig.from_pretrained(cfg.model)
     max_length = cfg.max_length or _default_max_length(model_config)
+    packing = None
+    if cfg.packing:  # the layout and kernel that keep samples apart; refuses others before any loading
+        from .packed_attention import packing_plan
+
+        packing = packing_plan(resolve_attn_implementation(device, cfg.attn_implementation),
+                               model_config.text_config, max_length)
     convs = load_training_conversations(cfg.data, cfg.images, check_images=cfg.check_images, progress=progress)
     eval_convs = None
     if cfg.eval_split is not None:
@@ -485,6 +491,11 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
                       cfg.preset.per_device_batch)
     args = _training_arguments(cfg, plan, device, world.world_size)  # before the model: ZeRO-3 init
     model = _load_model(cfg, device, args)
+    llava, loaded_attention = model, model.config.text_config._attn_implementation
+    if packing is not None and packing.language_attention:
+        from .packed_attention import use_language_attention
+
+        use_language_attention(model, packing.language_attention)  # the language model only; undone below
     save_dtype = _checkpoint_dtype(cfg.model)
     linear_projector = getattr(model.config, "projector_hidden_act", None) == "linear"
     parts = cfg.trainable_parts()
@@ -523,7 +534,7 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     pad_to = 8 if device.startswith("cuda") else None
     padding = PaddingCollator(processor.tokenizer.pad_token_id, pad_to)
     # samples end to end in rows, attention kept within each sample
-    collator = PackingCollator(processor.tokenizer.pad_token_id, None, pad_to) if cfg.packing else padding
+    collator = PackingCollator(processor.tokenizer.pad_token_id, packing.row_tokens, pad_to) if packing else padding
     trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
                            data_collator=collator, eval_collator=padding, processing_class=processor,
                            lengths=dataset.lengths,
@@ -563,6 +574,12 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     real, padded = trainer.token_counts()
     mechanism = mechanism_report(trainer)
     mechanism["trainable_params_by_part"] = by_part
+    mechanism["language_attention"] = llava.config.text_config._attn_implementation
+    mechanism["packing"] = packing.how if packing is not None else None
+    if packing is not None and packing.language_attention:
+        from .packed_attention import use_language_attention
+
+        use_language_attention(llava, loaded_attention)  # what inference loads: the saved model never runs ours
     if world.is_main:
         atomic_write_json(cfg.resolved_run_dir / "mechanism.json", mechanism)
     runtime = float(output.metrics.get("train_runtime", 0.0))
