@@ -363,7 +363,7 @@ def main() -> None:
                     help="OMP_NUM_THREADS of the server on CPU (default 1: on a small shared machine "
                          "more threads make the tiny model's timings erratic); 0 = torch's default")
     ap.add_argument("--ratio-requests", type=int, default=None,
-                    help="requests of the server-over-engine measure (default 128 for tiny, 64 for 0.5b)")
+                    help="requests of the server-over-engine measure (default 512 for tiny: 16 rounds of 32, past the ramp; 64 for 0.5b)")
     ap.add_argument("--long-requests", type=int, default=16, help="long answers of the short-during-long measure")
     ap.add_argument("--long-tokens", type=int, default=256, help="max_tokens of the long answers")
     ap.add_argument("--short-tokens", type=int, default=4, help="max_tokens of the short request")
@@ -374,7 +374,7 @@ def main() -> None:
     total = args.requests or (128 if args.size == "tiny" else 32)
     max_tokens = args.max_tokens or 32
     top = max(clients)
-    ratio_requests = args.ratio_requests or (128 if args.size == "tiny" else 64)
+    ratio_requests = args.ratio_requests or (512 if args.size == "tiny" else 64)
     extra: dict = {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         ckpt = Path(tmp) / "ckpt"

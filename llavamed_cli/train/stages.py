@@ -238,7 +238,7 @@ def _make_command(stage: str) -> Any:
         save_steps: Annotated[Optional[int], typer.Option(help="Write a resumable checkpoint every N steps (default 500).", rich_help_panel="Checkpoints")] = None,
         on_long: Annotated[Optional[str], typer.Option(help="Samples over --max-length: truncate (at turn boundaries) or drop.", rich_help_panel="Data")] = None,
         group_by_length: Annotated[Optional[bool], typer.Option("--group-by-length/--random-batches", help="Batch samples of similar length (less padding) or at random (default: grouped; random with --packing, which packs them).", rich_help_panel="Data")] = None,
-        packing: Annotated[Optional[bool], typer.Option("--packing", help="Put each batch's samples end to end in rows (less padding; attention stays within each sample).", rich_help_panel="Data")] = None,
+        packing: Annotated[Optional[bool], typer.Option("--packing", help="Put each batch's samples end to end in one row, no padding; attention stays within each sample (sdpa or flash-attention varlen).", rich_help_panel="Data")] = None,
         workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: 0 on CPU, 4 on CUDA).", rich_help_panel="Data")] = None,
         set_items: Annotated[Optional[list[str]], typer.Option("--set", help="key=value for any option or HF TrainingArguments field (repeatable).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="YAML/JSON file of options and TrainingArguments fields (e.g. a run's train_config.json).")] = None,
