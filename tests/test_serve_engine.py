@@ -299,22 +299,51 @@ def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_
     from llavamed_core.serve.config import ServeConfig
     from serve_helpers import ThreadServer, data_url, image_message, png_bytes
 
+    from llavamed_core.infer import ChatRequest, GenerationParams
+
+    def alone(body):
+        content = body["messages"][0]["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "image": random_image(40)}, {"type": "text", "text": content[1]["text"]}]
+        req = ChatRequest([{"role": "user", "content": content}],
+                          GenerationParams(max_new_tokens=body["max_tokens"], temperature=0.0,
+                                           stop=body.get("stop", [])))
+        res = tiny_engine.generate([req])[0]
+        return 200, res.text, "stop" if res.finish_reason == "stop" else "length", res.completion_tokens
+
+    # A stop string from the middle of an answer (the engine process leaves stop strings to the
+    # API process, which detokenises its ids and cancels the row): cut where the engine cuts.
+    lesion = {"messages": [{"role": "user", "content": "Describe the lesion."}], "max_tokens": 16,
+              "temperature": 0}
+    full = alone(lesion)[1]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip() and len(full) > 6
     bodies = [{"messages": image_message(data_url(png_bytes(random_image(40))), "What is shown?"),
                "max_tokens": 8, "temperature": 0},
               {"messages": [{"role": "user", "content": "Name one modality."}], "max_tokens": 10,
-               "temperature": 0, "stream": True},
-              {"messages": [{"role": "user", "content": "Any lesion?"}], "max_tokens": 6, "temperature": 0}]
+               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}},
+              {"messages": [{"role": "user", "content": "Any lesion?"}], "max_tokens": 6, "temperature": 0},
+              {**lesion, "stop": [stop]},
+              {**lesion, "stop": [stop], "stream": True, "stream_options": {"include_usage": True}}]
 
     def ask(url, body):
         if not body.get("stream"):
             r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
-            return r.status_code, r.json()["choices"][0]["message"]["content"]
-        text = []
+            choice = r.json()["choices"][0]
+            return (r.status_code, choice["message"]["content"], choice["finish_reason"],
+                    r.json()["usage"]["completion_tokens"])
+        text, finish, used = [], None, None
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
-                if line.startswith("data: {") and json.loads(line[6:])["choices"]:
-                    text.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
-            return r.status_code, "".join(text)
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event["choices"]:
+                    text.append(event["choices"][0]["delta"].get("content") or "")
+                    finish = event["choices"][0].get("finish_reason") or finish
+                if event.get("usage"):
+                    used = event["usage"]["completion_tokens"]
+            return r.status_code, "".join(text), finish, used
 
     cfg = ServeConfig(model=tiny_ckpt, port=0, max_batch=4, max_wait_ms=300)
     with ThreadServer(cfg, wait=False) as srv:  # no engine handed over: the model loads in a child
@@ -328,19 +357,11 @@ def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_
         assert pid != os.getpid()
         with ThreadPoolExecutor(len(bodies)) as pool:
             answers = list(pool.map(lambda b: ask(srv.url, b), bodies))
-        from llavamed_core.infer import ChatRequest, GenerationParams
-
-        def alone(body):
-            content = body["messages"][0]["content"]
-            if isinstance(content, list):
-                content = [{"type": "image", "image": random_image(40)}, {"type": "text", "text": content[1]["text"]}]
-            req = ChatRequest([{"role": "user", "content": content}],
-                              GenerationParams(max_new_tokens=body["max_tokens"], temperature=0.0))
-            return tiny_engine.generate([req])[0].text
-
-        assert answers == [(200, alone(b)) for b in bodies]
+        assert answers == [alone(b) for b in bodies]
+        assert answers[3][2] == "stop" and answers[3][3] < alone(lesion)[3]  # the stop string cut it
         health = httpx.get(srv.url + "/health").json()
-        assert health["requests"] == 3 and health["max_batch_seen"] >= 2
+        assert health["requests"] == len(bodies) and health["max_batch_seen"] >= 2
+        assert health["cancelled"] == 0  # rows ended at a stop string are not cancellations
 
         # The engine process dies while a streamed answer runs: the stream ends with a 503 error
         # event, new requests get 503, /health says why; nothing hangs.

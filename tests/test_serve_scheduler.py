@@ -66,8 +66,8 @@ class _Held:
         self.entered = threading.Event()
         self.gate = threading.Event()
 
-    def running_batch(self, on_delta, should_stop, streams=None):
-        batch = self.engine.running_batch(on_delta, should_stop, streams)
+    def running_batch(self, on_delta, should_stop, streams=None, detokenize=True):
+        batch = self.engine.running_batch(on_delta, should_stop, streams, detokenize)
         admit = batch.admit
 
         def held_admit(items):

@@ -47,15 +47,19 @@ class RunningBatch:
         should_stop: called with a row's key each step; ``True`` cancels that row.
         streams: called with a row's key when it joins; ``False`` gives it no ``on_delta`` (its
             text is then decoded once, at the end). Default: every row streams.
+        detokenize: ``False``: rows produce token ids only (``on_delta`` gets lists of new ids,
+            results carry ``token_ids``; stop strings are the caller's), for a server that
+            detokenises in its API process.
     """
 
     def __init__(self, engine: Any, on_delta: Callable[[Any, str], None] | None = None,
                  should_stop: Callable[[Any], bool] | None = None,
-                 streams: Callable[[Any], bool] | None = None):
+                 streams: Callable[[Any], bool] | None = None, detokenize: bool = True):
         self.engine = engine
         self.on_delta = on_delta
         self.should_stop = should_stop
         self.streams = streams
+        self.detokenize = detokenize
         self.rows: list[Any] = []
         """The running rows (``engine._Row``), in batch order."""
         self._cache: Any = None
@@ -110,6 +114,7 @@ class RunningBatch:
                                   f"length is {eng.context_length}", "shorten the conversation")
             row = eng._new_row(key, req, prompt)
             row.streaming = self.on_delta is not None and (self.streams is None or bool(self.streams(key)))
+            row.ids_only = not self.detokenize
             rows.append(row)
         cache = DynamicCache(config=eng.model.config.get_text_config())
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -121,12 +121,15 @@ class GenerationResult:
             context length) or ``"cancelled"`` (``should_stop`` said so).
         prompt_tokens: tokens in the prompt, image tokens included.
         completion_tokens: tokens generated (the stopping EOS not counted).
+        token_ids: the generated ids when the caller detokenises (``text`` is then empty).
     """
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int] | None = None
+    """The answer's token ids, from a row that leaves detokenising to its caller (else ``None``)."""
 
 
 def request_images(messages: list[dict]) -> list[Any]:
@@ -194,14 +197,11 @@ class _Row:
     """A :class:`~.penalties.RowPenalties` when the request has penalties (made at the first pick)."""
     streaming: bool = True
     """Whether the row's text is streamed (``on_delta``) as it grows."""
+    ids_only: bool = False
+    """Whether the row produces token ids only (deltas and result), detokenised by the caller."""
     ids: list[int] = field(default_factory=list)
-    text: str = ""
-    """The text so far, decoded incrementally (the final text is decoded whole once)."""
-    committed: str = ""
-    """The part of ``text`` that ends on a whole character (decoded up to ``read_offset``)."""
-    prefix_offset: int = 0
-    read_offset: int = 0
-    emitted: int = 0
+    asm: Any = None
+    """The :class:`~.detok.TextAssembler` of the row's answer (over ``ids``)."""
     finish: str | None = None
 
 
@@ -441,6 +441,7 @@ class Engine(Preparer):
                  should_stop: Callable[[int], bool] | None = None,
                  progress: ProgressCallback | None = None,
                  on_result: Callable[[int, GenerationResult], None] | None = None,
+                 detokenize: bool = True,
                  ) -> list[GenerationResult]:
         """Answer requests in length-sorted, left-padded batches.
 
@@ -453,6 +454,8 @@ class Engine(Preparer):
             progress: receives ``generate`` events (requests done / total).
             on_result: called with ``(index, result)`` as soon as a request finishes (for writing
                 answers while the run goes on).
+            detokenize: ``False``: token ids only — ``on_delta`` gets lists of new ids, results
+                carry ``token_ids`` and no text, stop strings are left to the caller.
 
         Returns:
             One result per request, in the order of ``requests``.
@@ -471,7 +474,7 @@ class Engine(Preparer):
         with self._lock:
             for start in range(0, len(order), batch_size):
                 chunk = [(i, requests[i]) for i in order[start:start + batch_size]]
-                for finished in self._decode(chunk, on_delta, should_stop):
+                for finished in self._decode(chunk, on_delta, should_stop, detokenize):
                     for idx, res in finished:
                         results[idx] = res
                         done += 1
@@ -501,23 +504,25 @@ class Engine(Preparer):
 
     def running_batch(self, on_delta: Callable[[Any, str], None] | None = None,
                       should_stop: Callable[[Any], bool] | None = None,
-                      streams: Callable[[Any], bool] | None = None) -> Any:
+                      streams: Callable[[Any], bool] | None = None, detokenize: bool = True) -> Any:
         """An empty :class:`~.batch.RunningBatch` on this engine: requests join it between decode
         steps (``admit``) and leave it when they finish (iteration-level batching, for a server).
         The caller runs it from one thread and holds no other generation at the same time.
-        ``streams(key)`` says whether a request wants ``on_delta`` (default: all do)."""
+        ``streams(key)`` says whether a request wants ``on_delta`` (default: all do);
+        ``detokenize=False`` makes its rows produce token ids only (see :meth:`generate`)."""
         from .batch import RunningBatch
 
-        return RunningBatch(self, on_delta, should_stop, streams)
+        return RunningBatch(self, on_delta, should_stop, streams, detokenize)
 
     # ------------------------------------------------------------------ internals
     def _decode(self, items: list[tuple[Any, ChatRequest]],
                 on_delta: Callable[[Any, str], None] | None,
                 should_stop: Callable[[Any], bool] | None,
+                detokenize: bool = True,
                 ) -> Iterator[list[tuple[Any, GenerationResult]]]:
         """Decode requests together; after the prefill and every step, yields the ``(key, result)``
         pairs of the rows that finished in it (often none), so callers can stream between steps."""
-        batch = self.running_batch(on_delta, should_stop)
+        batch = self.running_batch(on_delta, should_stop, detokenize=detokenize)
         yield batch.admit(items)
         while batch.rows:
             yield batch.step()
@@ -584,12 +589,20 @@ class Engine(Preparer):
                 gen.seed()
             else:
                 gen.manual_seed(int(p.seed))
+        from .detok import TextAssembler
+
         n = len(prompt_ids)
-        return _Row(index=key, prompt_tokens=n,
-                    max_new=max(1, min(p.max_new_tokens, self.context_length - n)),
-                    temperature=float(p.temperature), top_p=float(p.top_p),
-                    stops=[s for s in list(p.stop) + self.stop_strings if s], generator=gen,
-                    request=request, prompt_ids=prompt_ids)
+        row = _Row(index=key, prompt_tokens=n,
+                   max_new=max(1, min(p.max_new_tokens, self.context_length - n)),
+                   temperature=float(p.temperature), top_p=float(p.top_p),
+                   stops=self.stops_of(request), generator=gen,
+                   request=request, prompt_ids=prompt_ids)
+        row.asm = TextAssembler(self.tokenizer, row.stops, row.ids)
+        return row
+
+    def stops_of(self, request: ChatRequest) -> list[str]:
+        """A request's stop strings: its own, then the checkpoint's."""
+        return [s for s in list(request.params.stop) + self.stop_strings if s]
 
     def _pick(self, logits: Any, rows: list[_Row]) -> Any:
         """Next token per row: penalties first (vLLM's order), then argmax for greedy rows and a
@@ -626,14 +639,15 @@ class Engine(Preparer):
             tokens[b] = torch.multinomial(probs, 1, generator=row.generator)[0]
         return tokens
 
-    def _advance(self, row: _Row, token: int, on_delta: Callable[[Any, str], None] | None,
+    def _advance(self, row: _Row, token: int, on_delta: Callable[[Any, Any], None] | None,
                  should_stop: Callable[[Any], bool] | None) -> None:
         """Add one token to a row, then decide whether the row is finished; stream new text.
 
-        The text grows incrementally (the way vLLM's and TGI's detokenizers do: the new tokens
-        decoded with a few tokens of context before them), so a step costs the same at token 5
-        and at token 500; the final text is decoded whole once, in :meth:`_result`. A row that
-        neither streams nor has stop strings skips the incremental text: nothing reads it.
+        The text grows incrementally (:class:`~.detok.TextAssembler`), so a step costs the same at
+        token 5 and at token 500; the final text is decoded whole once, in :meth:`_result`. A row
+        that neither streams nor has stop strings skips the incremental text: nothing reads it.
+        An ``ids_only`` row streams its new token ids instead and leaves text and stop strings to
+        its caller (the API process of a server).
         """
         if should_stop is not None and should_stop(row.index):
             row.finish = "cancelled"
@@ -644,63 +658,33 @@ class Engine(Preparer):
         row.ids.append(token)
         if row.penalties is not None:
             row.penalties.add(token)
+        if row.ids_only:
+            if len(row.ids) >= row.max_new:
+                row.finish = "length"
+            if on_delta is not None:
+                on_delta(row.index, [token])
+            return
         if on_delta is None and not row.stops:  # nothing reads the text before the end
             if len(row.ids) >= row.max_new:
                 row.finish = "length"
             return
-        before = len(row.committed)  # never changes; the tail after it may be re-decoded
-        prefix = self._decode_ids(row.ids[row.prefix_offset:row.read_offset])
-        window = self._decode_ids(row.ids[row.prefix_offset:])
-        tail = window[len(prefix):] if len(window) > len(prefix) else ""
-        row.text = row.committed + tail
-        if tail and not tail.endswith("\ufffd"):  # a whole character: the window moves on
-            row.committed = row.text
-            row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
-        longest = max((len(s) for s in row.stops), default=0)
-        if longest:
-            start = max(0, before - longest + 1)
-            cuts = [c for c in (row.text.find(s, start) for s in row.stops) if c >= 0]
-            if cuts:
-                row.text = row.text[:min(cuts)]
-                row.finish = "stop"
+        if row.asm.update():
+            row.finish = "stop"
         if row.finish is None and len(row.ids) >= row.max_new:
             row.finish = "length"
         if row.finish is None and on_delta is not None:
-            safe = self._safe_end(row)
-            start = max(row.emitted, len(row.text) - len(row.text.lstrip()))
-            if safe > start:
-                on_delta(row.index, row.text[start:safe])
-                row.emitted = safe
+            delta = row.asm.take_delta()
+            if delta:
+                on_delta(row.index, delta)
 
-    def _decode_ids(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    @staticmethod
-    def _safe_end(row: _Row) -> int:
-        """How much of the text can be streamed: not a possible stop-string start, not a
-        half-decoded character, not trailing whitespace (the final text is stripped)."""
-        text = row.text
-        end = len(text)
-        while end > 0 and text[end - 1] == "\ufffd":
-            end -= 1
-        for s in row.stops:
-            for k in range(min(len(s) - 1, end), 0, -1):
-                if text[:end].endswith(s[:k]):
-                    end = min(end, len(text[:end]) - k)
-                    break
-        return len(text[:end].rstrip())
-
-    def _result(self, row: _Row, on_delta: Callable[[Any, str], None] | None) -> GenerationResult:
+    def _result(self, row: _Row, on_delta: Callable[[Any, Any], None] | None) -> GenerationResult:
         """Finish a row: decode its whole text once, stream what was held back, build its result."""
-        text = self._decode_ids(row.ids)
-        cuts = [c for c in (text.find(s) for s in row.stops) if c >= 0]
-        row.text = text[:min(cuts)] if cuts else text
-        final = row.text.strip()
-        if on_delta is not None:
-            lead = len(row.text) - len(row.text.lstrip())
-            start = max(row.emitted, lead)
-            rest = row.text[start:len(row.text.rstrip())] if start < len(row.text.rstrip()) else ""
-            if rest:
-                on_delta(row.index, rest)
+        if row.ids_only:
+            return GenerationResult(text="", finish_reason=row.finish or "length",
+                                    prompt_tokens=row.prompt_tokens, completion_tokens=len(row.ids),
+                                    token_ids=list(row.ids))
+        final, rest = row.asm.finish()
+        if on_delta is not None and rest:
+            on_delta(row.index, rest)
         return GenerationResult(text=final, finish_reason=row.finish or "length",
                                 prompt_tokens=row.prompt_tokens, completion_tokens=len(row.ids))

@@ -12,8 +12,13 @@ each ``done``/``error`` with the scheduler's counters. The events of one round o
 loop (a prefill and a step) travel as one message, and prepared tensors as numpy arrays pickled
 inline: per-event messages and torch's shared-memory tensors (a file descriptor handed over
 through a fresh authenticated socket each) cost more than the work of a small model's request.
-A reader thread in the API process hands each event to its job's sink, the same
-``sink(kind, payload)`` the in-process scheduler calls.
+The engine process produces token ids only; the API process detokenises them, as vLLM V1's
+output processor does: a reader thread turns each job's ids into text with a
+:class:`~llavamed_core.infer.detok.TextAssembler` (the class the engine itself uses in-process),
+checks the stop strings there (a stop string cancels the engine's row, which is freed at its
+next step) and hands text deltas and results to the job's sink, the same ``sink(kind, payload)``
+the in-process scheduler calls. The engine streams ids for a streamed request or one with stop
+strings; any other request's ids come once, with its result, and are decoded once.
 
 If the engine process dies, every request in flight gets :class:`EngineDied` (503), the reason
 is logged once, and :attr:`EngineProcess.failure` says so (``/health`` 503, new requests 503):
@@ -32,6 +37,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,6 +63,10 @@ class RemoteJob(Job):
 
     job_id: int = 0
     on_cancel: Any = field(default=None, repr=False)
+    asm: Any = field(default=None, repr=False)
+    """The :class:`~llavamed_core.infer.detok.TextAssembler` turning the engine's ids into text."""
+    prompt_tokens: int = 0
+    """The prepared prompt's tokens (for an answer ended here, at a stop string)."""
 
     def cancel(self) -> None:
         """Give up on this job: dropped if queued, stopped at the next token if running."""
@@ -132,6 +142,12 @@ class EngineProcess:
             if msg[0] == "ready":
                 info = msg[1]
                 break
+        import copy
+
+        # The reader thread detokenises with a tokenizer of its own (the preparation threads
+        # encode with theirs).
+        self._tokenizer = copy.deepcopy(info["processor"].tokenizer)
+        self._stop_strings = list(info["stop_strings"])
         self._reader = threading.Thread(target=self._read, name="llavamed-engine-reader", daemon=True)
         self._reader.start()
         return Preparer(info["processor"], info["context_length"])
@@ -148,13 +164,18 @@ class EngineProcess:
             raise SchedulerClosed()
         if self.failure is not None:
             raise EngineDied(self.failure)
+        from ..infer.detok import TextAssembler
+
+        stops = [s for s in list(request.params.stop) + self._stop_strings if s]
         with self._lock:
             if len(self._jobs) >= self.max_queue + self.config.max_batch:
                 raise QueueFull()
             job = RemoteJob(request=request, sink=sink, stream=stream, job_id=next(self._ids),
-                            on_cancel=self._cancel)
+                            on_cancel=self._cancel, asm=TextAssembler(self._tokenizer, stops),
+                            prompt_tokens=len(request.prepared.input_ids) if request.prepared else 0)
             self._jobs[job.job_id] = job
-        self._down.put(("submit", job.job_id, _to_wire(request), stream))
+        # The engine streams ids for a client stream, and for stop strings (checked here).
+        self._down.put(("submit", job.job_id, _to_wire(request), stream or bool(stops)))
         return job
 
     def close(self, timeout: float = 30.0) -> None:
@@ -177,9 +198,9 @@ class EngineProcess:
             q.cancel_join_thread()
 
     # ------------------------------------------------------------------ internals
-    def _cancel(self, job_id: int) -> None:
+    def _cancel(self, job_id: int, stopped: bool = False) -> None:
         if self._proc is not None and self._proc.is_alive():
-            self._down.put(("cancel", job_id))
+            self._down.put(("cancel", job_id, stopped))
 
     def _read(self) -> None:
         """Hand the engine process's events to their jobs until it closes or dies."""
@@ -200,21 +221,68 @@ class EngineProcess:
                 self._handle(event)
 
     def _handle(self, msg: tuple) -> None:
-        """Deliver one ``delta``/``done``/``error`` event to its job."""
+        """Deliver one ``delta``/``done``/``error`` event to its job, detokenising its ids."""
         kind = msg[0]
         job = self._jobs.get(msg[1])
         if kind == "delta":
-            if job is not None:
-                _call(job, "delta", msg[2])
+            if job is not None and self._take(job, msg[2]):
+                self._finish(job, None)  # a stop string: answered here, the engine row cancelled
             return
-        with self._lock:
-            self._jobs.pop(msg[1], None)
-        self.stats = SchedulerStats(**msg[3]["stats"])
-        self.queued = msg[3]["queued"]
+        if kind == "done" or job is None:
+            self.stats = SchedulerStats(**msg[3]["stats"])
+            self.queued = msg[3]["queued"]
         if job is None:
             return
         job.started_at, job.finished_at, job.batch_size = msg[3]["timing"]
-        _call(job, kind, msg[2] if kind == "done" else _rebuild(msg[2]))
+        if kind == "done":
+            self._finish(job, msg[2])
+        else:
+            with self._lock:
+                self._jobs.pop(job.job_id, None)
+            _call(job, kind, _rebuild(msg[2]))
+
+    def _take(self, job: RemoteJob, ids: list[int]) -> bool:
+        """Add the engine's new token ids to a job's text, streaming what is safe; ``True`` when a
+        stop string ended it."""
+        asm = job.asm
+        for token in ids:
+            if asm.add(token):
+                return True
+        if job.stream:
+            delta = asm.take_delta()
+            if delta:
+                _call(job, "delta", delta)
+        return False
+
+    def _finish(self, job: RemoteJob, result: Any) -> None:
+        """Answer a job: from the engine's ``result`` (its ids), or at a stop string (``None``)."""
+        from ..infer.engine import GenerationResult
+
+        with self._lock:
+            self._jobs.pop(job.job_id, None)
+        asm = job.asm
+        if result is None:
+            job.finished_at = time.monotonic()
+            self._cancel(job.job_id, stopped=True)  # frees the row at the engine's next step
+        else:
+            seen = len(asm.ids)
+            new = (result.token_ids or [])[seen:]
+            if asm.stops and new:
+                for token in new:
+                    if asm.add(token):
+                        break
+            else:
+                asm.ids.extend(new)  # nothing reads the text before the end: decode it once below
+        text, rest = asm.finish()
+        if job.stream and rest:
+            _call(job, "delta", rest)
+        if asm.stopped:
+            finish = "stop"
+        else:
+            finish = result.finish_reason if result is not None else "stop"
+        prompt = result.prompt_tokens if result is not None else job.prompt_tokens
+        _call(job, "done", GenerationResult(text=text, finish_reason=finish, prompt_tokens=prompt,
+                                            completion_tokens=len(asm.ids)))
 
     def _died(self) -> None:
         if self._closing:
@@ -327,7 +395,8 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
                 outbox.clear()
 
     sched = BatchScheduler(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                           max_queue=config.limits.max_queue + config.max_batch, after_round=flush)
+                           max_queue=config.limits.max_queue + config.max_batch, after_round=flush,
+                           detokenize=False)  # the API process detokenises
     jobs: dict[int, Job] = {}
 
     def sink_for(job_id: int) -> Any:
@@ -343,7 +412,8 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
                 outbox.append(event)
         return sink
 
-    up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length}))
+    up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length,
+                      "stop_strings": list(engine.stop_strings)}))
     while True:
         try:
             msg = down.get(timeout=_POLL_S)
@@ -364,6 +434,7 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
         elif msg[0] == "cancel":
             job = jobs.get(msg[1])
             if job is not None:
+                job.stopped_by_caller = bool(msg[2])
                 job.cancel()
         elif msg[0] == "close":
             sched.close()

@@ -73,7 +73,9 @@ class Job:
     """The most requests that decoded together while it ran."""
     cancelled: bool = False
     """Set by :meth:`cancel` (any thread); read by the worker and the engine's ``should_stop``."""
-    sent: list[str] = field(default_factory=list)
+    stopped_by_caller: bool = False
+    """Cancelled because the caller found a stop string (not counted as a cancellation)."""
+    sent: list[Any] = field(default_factory=list)
     """The deltas delivered so far (kept to resume a stream when its batch is retried)."""
 
     def cancel(self) -> None:
@@ -114,12 +116,16 @@ class BatchScheduler:
             exception it raises fails that request alone (e.g. a prompt over the context length).
         after_round: called in the worker thread after each round of admitting and stepping
             (the engine process sends the round's events to the API process in one message).
+        detokenize: ``False``: the engine produces token ids only — deltas are lists of ids,
+            results carry ``token_ids``, stop strings are the caller's (the engine process,
+            whose API process detokenises).
     """
 
     def __init__(self, engine: Any, max_batch: int = 16, max_wait_ms: float = 10.0,
                  max_queue: int = 256, check: Callable[[Any], None] | None = None,
-                 after_round: Callable[[], None] | None = None):
+                 after_round: Callable[[], None] | None = None, detokenize: bool = True):
         self.engine = engine
+        self.detokenize = detokenize
         self.check = check
         self.after_round = after_round
         self.max_batch = max_batch
@@ -227,7 +233,8 @@ class BatchScheduler:
                 job.sent.append(text)
                 _deliver(job, "delta", text)
 
-        return self.engine.running_batch(on_delta, lambda job: job.cancelled, lambda job: job.stream)
+        return self.engine.running_batch(on_delta, lambda job: job.cancelled, lambda job: job.stream,
+                                         detokenize=self.detokenize)
 
     def _admit(self, batch: Any, jobs: list[Job]) -> None:
         """Prefill queued jobs into the running batch; a failed prefill of several is retried
@@ -291,7 +298,7 @@ class BatchScheduler:
         end = time.monotonic()
         for job, res in finished:
             job.finished_at = end
-            if job.cancelled:
+            if job.cancelled and not job.stopped_by_caller:
                 self.stats.cancelled += 1
             _deliver(job, "done", res)
 
@@ -307,7 +314,7 @@ class BatchScheduler:
         streaming = any(j.stream for j in batch)
         results = self.engine.generate([j.request for j in batch], batch_size=len(batch),
                                        on_delta=on_delta if streaming else None,
-                                       should_stop=should_stop)
+                                       should_stop=should_stop, detokenize=self.detokenize)
         if len(results) != len(batch):
             raise RuntimeError(f"engine returned {len(results)} results for {len(batch)} requests")
         return results
@@ -318,10 +325,11 @@ class BatchScheduler:
             self.stats.cancelled += 1
             return
         self.stats.retried_alone += 1
-        sent = "".join(job.sent)
-        state = {"text": "", "diverged": False}
+        # What the client holds: text, or token ids when the caller detokenises.
+        sent: Any = "".join(job.sent) if self.detokenize else [t for part in job.sent for t in part]
+        state = {"text": sent[:0], "diverged": False}
 
-        def on_delta(_i: int, text: str) -> None:
+        def on_delta(_i: int, text: Any) -> None:
             if job.cancelled or state["diverged"]:
                 return
             before, after = state["text"], state["text"] + text
@@ -344,7 +352,7 @@ class BatchScheduler:
             self._fail(job, exc, "generation failed for one request run alone")
             return
         job.finished_at = time.monotonic()
-        if state["diverged"] or (sent and not state["text"].startswith(sent)):
+        if state["diverged"] or (sent and state["text"][:len(sent)] != sent):
             job.cancelled = False
             _deliver(job, "error", RuntimeError("the streamed answer could not be resumed after its "
                                                 "batch failed"))
