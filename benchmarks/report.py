@@ -117,7 +117,18 @@ def _serve(d: dict) -> str:
         r = d["server_over_engine"]
         out += (f"\n\nServer requests/s at {srv['clients']} clients ÷ the standalone engine's on the same "
                 f"{eng['requests']} requests at batch {eng['batch_size']}: **{_f(r)}** ({_f(srv['req_per_s'])} vs "
-                f"{_f(eng['req_per_s'])} req/s; target ≥ 0.8: {_met(r, 0.8)}).")
+                f"{_f(eng['req_per_s'])} req/s; target ≥ 0.8: {_met(r, 0.8)})"
+                + (f"; the server's decode steps held {srv['mean_rows_per_step']:.1f} rows on average "
+                   f"(the standalone engine {eng['batch_size']}) and it ran "
+                   f"{srv['prefills_per_request']:.2f} prefills per request "
+                   f"(the standalone engine {1 / eng['batch_size']:.2f})" if "mean_rows_per_step" in srv else "")
+                + ".")
+        for cl in eng.get("closed_loop", []):
+            out += (f" The server's scheduler alone in the benchmark's process (no HTTP, no engine process), "
+                    f"{srv['clients']} clients in a closed loop with a turnaround of {cl['turnaround_ms']:,.0f} ms: "
+                    f"**{cl['req_per_s'] / eng['req_per_s']:.2f}** of the standalone engine "
+                    f"({_f(cl['req_per_s'])} req/s; {cl['prefills_per_request']:.2f} prefills and "
+                    f"{cl['steps_per_request']:.2f} steps per request).")
     if "short_during_long" in d:
         sdl = d["short_during_long"]
         out += (f" A {sdl.get('short_completion_tokens', 4)}-token request sent a tenth of the way into "

@@ -13,6 +13,10 @@ In the same run, two measures of the serving engine itself:
 - server over engine: the batching server's requests/s at 32 clients (valid requests only)
   divided by the standalone engine's requests/s on the same requests at batch 32, loaded in
   this process after the servers stopped, with the same threads (target: at least 0.8);
+- the same scheduler alone, in this process, in a closed loop of as many clients with prepared
+  requests: once with no turnaround, once with the server's measured turnaround (an answer's way
+  out, the client, the next request's way in) — what the arrival pattern costs, without HTTP or
+  the engine process;
 - short during long: ``--long-requests`` answers of ``--long-tokens`` tokens sent at once, and
   a ``--short-tokens`` request sent a tenth of the way into them: its latency divided by the
   long batch's duration (target: at most 0.25; a static batch makes it wait, ratio >= 1).
@@ -146,6 +150,14 @@ def server_batches(lines: list[str]) -> dict:
 
     return {"mean_batch": mean("batch"), "mean_ingest_ms": mean("ingest_ms"),
             "mean_queue_ms": mean("queue_ms"), "mean_gen_ms": mean("gen_ms")}
+
+
+def health_counters(url: str) -> dict:
+    """The scheduler counters of a native server's ``/health`` (requests, steps, prefills)."""
+    import httpx
+
+    body = httpx.get(url + "/health", timeout=30).json()
+    return {k: int(body.get(k, 0)) for k in ("requests", "steps", "batches")}
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -327,8 +339,14 @@ def engine_requests(images: list[str], n: int, max_tokens: int) -> list:
 
 
 def engine_standalone(ckpt: Path, device: str, images: list[str], n: int, batch: int, max_tokens: int,
-                      cpu_threads: int | None) -> dict:
-    """Requests/s of the engine in this process on ``n`` of :func:`run_level`'s requests at ``batch``."""
+                      cpu_threads: int | None, turnarounds_ms: list[float] | None = None,
+                      max_wait_ms: float = 10.0) -> dict:
+    """Requests/s of the engine in this process on ``n`` of :func:`run_level`'s requests at ``batch``.
+
+    With ``turnarounds_ms``, also the server's scheduler on the same engine, in this process (no
+    HTTP, no engine process), in a closed loop of ``batch`` clients, each sending its next request
+    a turnaround after its answer (see :func:`scheduler_closed_loop`).
+    """
     import torch
 
     from llavamed_core.infer import Engine
@@ -344,7 +362,77 @@ def engine_standalone(ckpt: Path, device: str, images: list[str], n: int, batch:
     out = engine.generate(reqs, batch_size=batch)
     sync()
     wall = time.perf_counter() - t0
-    return {"requests": len(reqs), "batch_size": batch, "wall_s": wall, "req_per_s": len(out) / wall}
+    res = {"requests": len(reqs), "batch_size": batch, "wall_s": wall, "req_per_s": len(out) / wall}
+    if turnarounds_ms:
+        res["closed_loop"] = [scheduler_closed_loop(engine, engine_requests(images, n, max_tokens), batch,
+                                                    max_wait_ms, t / 1000.0) for t in turnarounds_ms]
+    return res
+
+
+def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, turnaround_s: float,
+                          seed: int = 0) -> dict:
+    """The server's :class:`BatchScheduler` alone: ``clients`` requests in flight, each answer
+    followed by the client's next request ``turnaround_s`` later (uniformly 0.5–1.5 times that,
+    seeded). The requests are prepared beforehand, as the server's API process does. Separates
+    what the arrival pattern of a closed loop costs the engine from what HTTP and the engine
+    process cost."""
+    import heapq
+    import random
+    import threading
+
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    for r in reqs:
+        r.prepared = engine.prepare(r)
+    sched = BatchScheduler(engine, max_batch=clients, max_wait_ms=max_wait_ms, max_queue=len(reqs) + clients)
+    rng = random.Random(seed)
+    lock = threading.Condition()
+    timers: list[tuple[float, int]] = []  # (when, request index), sent by the dispatcher thread
+    state = {"next": min(clients, len(reqs)), "done": 0}
+    finished = threading.Event()
+
+    def sink(kind: str, _payload) -> None:
+        if kind == "delta":
+            return
+        with lock:
+            state["done"] += 1
+            if state["done"] == len(reqs):
+                finished.set()
+            if state["next"] < len(reqs):
+                when = time.monotonic() + turnaround_s * rng.uniform(0.5, 1.5)
+                heapq.heappush(timers, (when, state["next"]))
+                state["next"] += 1
+                lock.notify()
+
+    def dispatch() -> None:
+        while not finished.is_set():
+            with lock:
+                while not timers and not finished.is_set():
+                    lock.wait(0.1)
+                if finished.is_set():
+                    return
+                when, i = timers[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    lock.wait(delay)
+                    continue
+                heapq.heappop(timers)
+            sched.submit(reqs[i], sink)
+
+    before = sched.stats.steps, sched.stats.batches
+    dispatcher = threading.Thread(target=dispatch, daemon=True)
+    dispatcher.start()
+    t0 = time.perf_counter()
+    for i in range(min(clients, len(reqs))):
+        sched.submit(reqs[i], sink)
+    finished.wait()
+    wall = time.perf_counter() - t0
+    dispatcher.join(5)
+    steps, prefills = sched.stats.steps - before[0], sched.stats.batches - before[1]
+    sched.close()
+    return {"turnaround_ms": turnaround_s * 1000, "requests": len(reqs), "wall_s": wall,
+            "req_per_s": len(reqs) / wall, "prefills_per_request": prefills / len(reqs),
+            "steps_per_request": steps / len(reqs)}
 
 
 def main() -> None:
@@ -407,11 +495,29 @@ def main() -> None:
                     for p in res["problems"]:
                         print(f"    problem: {p}", flush=True)
                 if max_batch > 1:
+                    h0 = health_counters(url)
+                    seen = len(log_path.read_text(errors="replace").splitlines())
                     server = asyncio.run(run_level(url, top, ratio_requests, images, max_tokens, [], 0))
+                    h1 = health_counters(url)
+                    logged = server_batches(log_path.read_text(errors="replace").splitlines()[seen:])
                     extra["server_at_max_clients"] = {k: server[k] for k in ("clients", "requests", "ok",
                                                                              "errors", "wall_s", "req_per_s")}
+                    # How full the rows were (the prefill picks each answer's first token, each step
+                    # one more per row; answers ending early at EOS make this a slight overestimate);
+                    # every prefill of newcomers is a forward pass of its own.
+                    done = max(1, h1["requests"] - h0["requests"])
+                    extra["server_at_max_clients"].update(
+                        steps_per_request=(h1["steps"] - h0["steps"]) / done,
+                        prefills_per_request=(h1["batches"] - h0["batches"]) / done,
+                        mean_rows_per_step=(max_tokens - 1) * done / max(1, h1["steps"] - h0["steps"]),
+                        # From an answer leaving the engine to the client's next request joining its
+                        # queue: the answer's way out, the client, the next request's way in.
+                        turnaround_ms=server["mean_ms"] - logged["mean_queue_ms"] - logged["mean_gen_ms"])
                     print(f"  server alone on the engine measure: {server['req_per_s']:.2f} req/s "
-                          f"({server['ok']} ok, {server['errors']} errors)", flush=True)
+                          f"({server['ok']} ok, {server['errors']} errors); "
+                          f"{extra['server_at_max_clients']['mean_rows_per_step']:.1f} rows per decode step, "
+                          f"{extra['server_at_max_clients']['prefills_per_request']:.2f} prefills per request",
+                          flush=True)
                     sdl = measure_short_during_long(url, images, args.long_requests, args.long_tokens,
                                                     args.short_tokens)
                     extra["short_during_long"] = sdl
@@ -420,10 +526,17 @@ def main() -> None:
                           f"of up to {args.long_tokens} tokens took {sdl['long_batch_s']:.2f} s", flush=True)
             finally:
                 stop_server(proc)
+        turnaround = extra["server_at_max_clients"]["turnaround_ms"]
         eng = engine_standalone(ckpt, args.device, images, ratio_requests, top, max_tokens,
-                                args.cpu_threads if args.device == "cpu" else None)
+                                args.cpu_threads if args.device == "cpu" else None,
+                                turnarounds_ms=[0.0, turnaround])
         extra["engine_standalone"] = eng
         print(f"  standalone engine at batch {top}: {eng['req_per_s']:.2f} req/s", flush=True)
+        for cl in eng["closed_loop"]:
+            print(f"  scheduler in this process, {top} clients, turnaround {cl['turnaround_ms']:.0f} ms: "
+                  f"{cl['req_per_s']:.2f} req/s ({cl['req_per_s'] / eng['req_per_s']:.2f} of standalone), "
+                  f"{cl['prefills_per_request']:.2f} prefills and {cl['steps_per_request']:.2f} steps per request",
+                  flush=True)
 
     print()
     header = f"{'config':12s} {'clients':>7s} {'requests':>8s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} {'malformed 4xx':>13s} {'errors':>6s}"

@@ -50,6 +50,7 @@ def test_rows_joining_at_different_steps_answer_as_alone(tiny_engine, streaming)
     results = {}
     streams = None if streaming == "all" else (lambda k: k % 2 == 0)
     batch = tiny_engine.running_batch(lambda k, d: deltas.setdefault(k, []).append(d), None, streams)
+    assert batch._mask_4d  # the steps take their padding mask ready-made (SDPA, full attention)
     sizes = []
     step = 0
     with tiny_engine._lock:

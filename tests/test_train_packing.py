@@ -3,9 +3,13 @@
 The contract: a packed batch computes, token for token, what the same samples compute padded in
 a batch of their own (per-token losses and gradients equal within float tolerance), for every
 attention kernel and layout (the packed SDPA of ``llavamed_core.train.packed_attention`` on one row
-or several, transformers' sdpa and eager with their block-diagonal mask); a packed training run
-makes the same updates as the padded run on the same batches; and the packed attention never
-leaves the training run (the saved checkpoint loads in stock transformers with sdpa).
+or several, transformers' sdpa and eager with their block-diagonal mask); the packed kernel
+equals SDPA on each sample alone (grouped K/V included) and refuses what it does not compute; a
+model carrying it computes what sdpa computes for anything that is not a full packed row (padded
+batches, KV-cache continuations); a packed training run makes the same updates as the padded run
+on the same batches, and falls back to narrow rows when the packed attention cannot be set; and the
+packed attention never leaves the training run (the model is set back, the saved checkpoint loads
+in stock transformers with sdpa).
 """
 
 from __future__ import annotations
@@ -159,9 +163,9 @@ def test_packed_attention_gradients_equal_unpadded(tiny_ckpt, mixed_data, tmp_pa
 
 
 def test_packed_attention_builds_no_mask_and_keeps_padded_batches(tiny_ckpt, mixed_data):
-    """The packed attention's mask function builds no mask for a packed row (sdpa builds a dense
-    one); a padded batch (the eval loss, generation) gets transformers' own mask and kernel, logit
-    for logit what an sdpa model computes."""
+    """The packed attention's mask function builds no mask for a full packed row (sdpa builds a
+    dense one); a padded batch (the eval loss, generation) gets transformers' own mask and kernel,
+    logit for logit what an sdpa model computes (KV-cache continuations: see below)."""
     import torch
     from transformers.masking_utils import create_causal_mask
 
@@ -226,6 +230,13 @@ def test_packing_plan_per_attention():
     assert packing_plan("sdpa", SimpleNamespace(sliding_window=4096), 2048) == (PACKED_ATTENTION, None)
     with pytest.raises(ConfigError, match="--packing with attention 'flex_attention'"):
         packing_plan("flex_attention", plain, 2048)
+    # logit softcapping (Gemma 2): no SDPA applies it, the packed one included; eager and flash do
+    capped = SimpleNamespace(sliding_window=None, attn_logit_softcapping=50.0)
+    with pytest.raises(ConfigError, match="attn_logit_softcapping=50.0") as exc:
+        packing_plan("sdpa", capped, 2048)
+    assert "attn_implementation=eager" in exc.value.hint
+    assert packing_plan("eager", capped, 2048) == (None, 0)
+    assert packing_plan("flash_attention_2", capped, 2048) == (None, None)
 
 
 def test_packing_refuses_unknown_attention_before_loading(tiny_ckpt, synth_data, tmp_path):
@@ -241,8 +252,13 @@ def test_packing_refuses_unknown_attention_before_loading(tiny_ckpt, synth_data,
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
 
 
-def test_packed_training_matches_padded_and_learns(tiny_ckpt, mixed_data, tmp_path):
-    from llavamed_core.train import TrainConfig, train
+def test_packed_training_matches_padded_and_learns(tiny_ckpt, mixed_data, tmp_path, monkeypatch):
+    from llavamed_core.train import TrainConfig, packed_attention, train
+
+    trained = []  # the model the run set the packed attention on, to check that the run sets it back
+    apply = packed_attention.apply_packing_plan
+    monkeypatch.setattr(packed_attention, "apply_packing_plan", lambda model, plan: trained.append(model) or
+                        apply(model, plan))
 
     common = dict(stage="instruct", model=tiny_ckpt, data=mixed_data / "instruct.json", images=mixed_data / "images",
                   global_batch=8, per_device_batch=8, max_steps=6, learning_rate=2e-3, save_steps=10**9,
@@ -274,8 +290,11 @@ def test_packed_training_matches_padded_and_learns(tiny_ckpt, mixed_data, tmp_pa
     # It ran the packed SDPA on one row per batch: no padding at all.
     assert packed.mechanism["language_attention"] == PACKED and padded.mechanism["language_attention"] == "sdpa"
     assert packed.mechanism["packing"] == "one row per batch, SDPA per sample" and packed.padding_share == 0
-    # The attention never leaves the run: no file of the output names it, and stock transformers (a
-    # fresh process that never imported llavamed) loads the checkpoint with sdpa.
+    # The attention never leaves the run: the model object is set back to sdpa at the end, no file of
+    # the output names it, and stock transformers (a fresh process that never imported llavamed)
+    # loads the checkpoint with sdpa.
+    assert len(trained) == 1 and packed_attention.language_attention(trained[0]) == "sdpa"
+    assert trained[0].config.text_config._attn_implementation == "sdpa"
     for f in (tmp_path / "packed").rglob("*.json"):
         assert PACKED not in f.read_text(), f
     code = ("import sys; from transformers import LlavaForConditionalGeneration as L; "
@@ -295,3 +314,182 @@ def test_cli_packing_flag(cli, tiny_ckpt, synth_data, tmp_path):
     res = json.loads(r.stdout)
     assert res["steps"] == 2
     assert json.loads((out / "train_config.json").read_text())["packing"] is True
+
+
+def _qkv(heads=4, kv_heads=2, length=24, batch=2, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, h, length, 8, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+
+
+def test_packed_kernel_equals_per_sample_sdpa_splits_and_keeps_grouped_kv():
+    """The kernel on two rows of packed samples (grouped K/V: two query heads per K/V head) computes
+    what each sample alone computes through SDPA with its K/V heads repeated, outputs and gradients;
+    its backward graph holds no per-sample slice (each would write a zero gradient as large as the
+    whole input), and autograd keeps K/V at their grouped size, not repeated to the query heads."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from llavamed_core.train.packed_attention import packed_sdpa_attention_forward
+
+    lengths = [[5, 1, 11, 7], [24]]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    module = SimpleNamespace(training=False, is_causal=True, num_key_value_groups=2)
+    q, k, v = _qkv()
+    out, _ = packed_sdpa_attention_forward(module, q, k, v, None, scaling=0.3, position_ids=pos)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * w).sum().backward()
+
+    # The straight path: every sample on its own leaf tensors, K/V heads repeated, plain causal SDPA.
+    refs, grads = [], {n: [] for n in "qkv"}
+    for r, row in enumerate(lengths):
+        s, outs = 0, []
+        for n in row:
+            qs, ks, vs = (t[r:r + 1, :, s:s + n].detach().clone().requires_grad_() for t in (q, k, v))
+            o = torch.nn.functional.scaled_dot_product_attention(qs, repeat_kv(ks, 2), repeat_kv(vs, 2),
+                                                                 scale=0.3, is_causal=True).transpose(1, 2)
+            (o * w[r:r + 1, s:s + n]).sum().backward()
+            outs.append(o)
+            for name, t in zip("qkv", (qs, ks, vs)):
+                grads[name].append((r, s, n, t.grad))
+            s += n
+        refs.append(torch.cat(outs, dim=1))
+    torch.testing.assert_close(out, torch.cat(refs, dim=0))
+    for name, leaf in zip("qkv", (q, k, v)):
+        for r, s, n, g in grads[name]:
+            torch.testing.assert_close(leaf.grad[r:r + 1, :, s:s + n], g, msg=f"d{name} row {r} at {s}")
+
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(f for f, _ in node.next_functions)
+    assert not [n.name() for n in seen if "Slice" in n.name()]
+    assert any("Split" in n.name() for n in seen)
+
+    def saved_elements(q, k, v, groups):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            packed_sdpa_attention_forward(SimpleNamespace(training=False, is_causal=True, num_key_value_groups=groups),
+                                          q, k, v, None, position_ids=pos)
+        return total[0]
+
+    grouped = saved_elements(q, k, v, 2)
+    repeated = saved_elements(q, repeat_kv(k, 2), repeat_kv(v, 2), 1)
+    assert grouped <= repeated - (k.numel() + v.numel())  # K/V kept once, not once per query head
+
+
+@pytest.mark.parametrize("kwarg", ["softcap", "s_aux", "position_bias", "sliding_window"])
+def test_packed_kernel_refuses_what_it_does_not_compute(kwarg):
+    """Logit softcapping, attention sinks, a position bias, a window shorter than a sample: the
+    packed kernel refuses them with a hint rather than computing without them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llavamed_core.errors import ConfigError
+    from llavamed_core.train.packed_attention import packed_sdpa_attention_forward
+
+    q, k, v = _qkv(batch=1)
+    value = {"softcap": 30.0, "s_aux": torch.zeros(4), "position_bias": torch.zeros(1, 4, 24, 24),
+             "sliding_window": 8}[kwarg]
+    module = SimpleNamespace(training=False, is_causal=True, num_key_value_groups=2)
+    with pytest.raises(ConfigError) as exc:
+        packed_sdpa_attention_forward(module, q, k, v, None, position_ids=torch.arange(24)[None], **{kwarg: value})
+    assert "attn_implementation=eager" in exc.value.hint
+    if kwarg == "sliding_window":  # a window no shorter than every sample changes nothing: it runs
+        pos = torch.cat([torch.arange(8), torch.arange(16)])[None]
+        with pytest.raises(ConfigError):
+            packed_sdpa_attention_forward(module, q, k, v, None, position_ids=pos, sliding_window=8)
+        out, _ = packed_sdpa_attention_forward(module, q, k, v, None, position_ids=pos, sliding_window=16)
+        assert out.shape == (1, 24, 4, 8)
+
+
+def test_packed_attention_cache_continuation_equals_sdpa(tiny_ckpt):
+    """A KV-cache continuation (several new tokens after a cached prefix, with or without an
+    all-ones attention mask) is not a packed row: the packed model builds transformers' mask and
+    computes what an sdpa model computes."""
+    import torch
+    from transformers import DynamicCache
+
+    ours, stock = _model(tiny_ckpt, PACKED), _model(tiny_ckpt, "sdpa")
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    for with_mask in (True, False):
+        logits = []
+        for model in (ours, stock):
+            cache = DynamicCache(config=model.config.text_config)
+            with torch.no_grad():
+                model(input_ids=ids[:, :10], attention_mask=torch.ones(1, 10, dtype=torch.long) if with_mask else None,
+                      cache=cache, use_cache=True)
+                mask = torch.ones(1, 16, dtype=torch.long) if with_mask else None
+                logits.append(model(input_ids=ids[:, 10:], attention_mask=mask, cache=cache,
+                                    use_cache=True).logits)
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_spans_read_once_per_forward(tiny_ckpt, mixed_data, monkeypatch):
+    """The samples' spans (a device sync) are read from the position ids once per forward, not in
+    every decoder layer nor again in gradient checkpointing's recompute; position ids changed in
+    place are read afresh, and the result equals a forward on a fresh copy."""
+    import torch
+
+    from llavamed_core.train import packed_attention
+    from llavamed_core.train.dataset import PackingCollator
+
+    reads, calls = [], []
+    read, call = packed_attention.segment_bounds, packed_attention.sample_bounds
+    monkeypatch.setattr(packed_attention, "segment_bounds", lambda *a: reads.append(1) or read(*a))
+    monkeypatch.setattr(packed_attention, "sample_bounds", lambda *a: calls.append(1) or call(*a))
+    feats, processor = _dataset(tiny_ckpt, mixed_data, 3)
+    batch = PackingCollator(processor.tokenizer.pad_token_id)(feats)
+    batch.pop("num_real_tokens")
+    labels = batch.pop("labels")
+    model = _model(tiny_ckpt, PACKED)
+    model.activation_checkpointing_enable()
+    model.train()
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    layers = model.config.text_config.num_hidden_layers
+    assert len(calls) == 2 * layers  # each layer's attention ran twice (forward, recompute) ...
+    assert len(reads) == 1  # ... on spans read once
+
+    model.eval()
+    pos = batch["position_ids"]
+    cut, n = int(torch.nonzero(pos[0] == 0)[1]), len(feats[1]["input_ids"])
+    with torch.no_grad():
+        before = model(**batch).logits  # the same position ids: no new read
+        pos[0, cut:cut + n] += cut  # the first two samples become one, in place: the same tensor object
+        got = model(**batch).logits
+        want = model(**dict(batch, position_ids=pos.clone())).logits
+    assert len(reads) == 3
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, before, atol=1e-3)
+
+
+def test_packing_falls_back_to_narrow_rows_when_attention_does_not_switch(tiny_ckpt, mixed_data, tmp_path,
+                                                                          monkeypatch):
+    """transformers only logs when a model cannot switch its attention: the run checks that the
+    packed attention took, and if it did not, packs rows of the longest sample for sdpa's dense
+    block-diagonal mask (not the whole batch into one row under it), as its mechanism report says."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed_core.train import TrainConfig, train
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "set_attn_implementation", lambda self, *a, **kw: None)
+    res = train(TrainConfig(stage="instruct", model=tiny_ckpt, data=mixed_data / "instruct.json",
+                            images=mixed_data / "images", out=tmp_path / "out", global_batch=6, max_steps=1,
+                            device="cpu", packing=True, attn_implementation="sdpa"))
+    assert res.steps == 1 and res.mechanism["language_attention"] == "sdpa"
+    assert res.mechanism["packing"] == ("rows of the longest sample, sdpa with a block-diagonal mask "
+                                        f"({PACKED} could not be set on this model)")
+    assert res.padding_share > 0  # several rows, padded to the widest: not the single unpadded row

@@ -60,6 +60,7 @@ class RunningBatch:
         self.should_stop = should_stop
         self.streams = streams
         self.detokenize = detokenize
+        self._mask_4d = _step_mask_4d(engine)
         self.rows: list[Any] = []
         """The running rows (``engine._Row``), in batch order."""
         self._cache: Any = None
@@ -156,7 +157,10 @@ class RunningBatch:
         eng = self.engine
         with torch.inference_mode():
             mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
-            step = dict(input_ids=self._pending.view(-1, 1).to(eng.device), attention_mask=mask,
+            # One query per row sees every real column of its row: the padding mask is the whole
+            # attention mask, handed over ready-made instead of rebuilt by transformers each step.
+            attn = mask[:, None, None, :].bool() if self._mask_4d else mask
+            step = dict(input_ids=self._pending.view(-1, 1).to(eng.device), attention_mask=attn,
                         position_ids=self._next_pos.view(-1, 1), use_cache=True, logits_to_keep=1)
             step[eng._cache_arg] = self._cache
             out = eng.model(**step)
@@ -236,6 +240,15 @@ class RunningBatch:
         self._next_pos = torch.cat([self._next_pos, next_pos])
         self._pending = torch.cat([self._pending, pending.to(self._pending.device)])
         self.rows = self.rows + list(rows)
+
+
+def _step_mask_4d(engine: Any) -> bool:
+    """Whether a decode step may take its mask as a ready 4D boolean one: SDPA (which reads
+    ``True`` as "attend") and full attention in every layer (no sliding windows)."""
+    cfg = engine.model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None) or []
+    return getattr(cfg, "_attn_implementation", None) == "sdpa" and not getattr(cfg, "sliding_window", None) \
+        and all(t == "full_attention" for t in types)
 
 
 def _mergeable(cache: Any) -> bool:

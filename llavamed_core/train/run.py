@@ -491,11 +491,12 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
                       cfg.preset.per_device_batch)
     args = _training_arguments(cfg, plan, device, world.world_size)  # before the model: ZeRO-3 init
     model = _load_model(cfg, device, args)
-    llava, loaded_attention = model, model.config.text_config._attn_implementation
-    if packing is not None and packing.language_attention:
-        from .packed_attention import use_language_attention
+    from .packed_attention import apply_packing_plan, language_attention
 
-        use_language_attention(model, packing.language_attention)  # the language model only; undone below
+    llava, loaded_attention = model, language_attention(model)
+    switched = packing is not None and bool(packing.language_attention)
+    if switched:  # the language model only, checked (a plan that did not take falls back); undone below
+        packing = apply_packing_plan(model, packing)
     save_dtype = _checkpoint_dtype(cfg.model)
     linear_projector = getattr(model.config, "projector_hidden_act", None) == "linear"
     parts = cfg.trainable_parts()
@@ -574,9 +575,9 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     real, padded = trainer.token_counts()
     mechanism = mechanism_report(trainer)
     mechanism["trainable_params_by_part"] = by_part
-    mechanism["language_attention"] = llava.config.text_config._attn_implementation
+    mechanism["language_attention"] = language_attention(llava)
     mechanism["packing"] = packing.how if packing is not None else None
-    if packing is not None and packing.language_attention:
+    if switched:
         from .packed_attention import use_language_attention
 
         use_language_attention(llava, loaded_attention)  # what inference loads: the saved model never runs ours
