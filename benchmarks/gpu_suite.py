@@ -135,9 +135,8 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
                 res["levels"].append(lv)
                 _write_json(result_path, res)
             if max_batch > 1:
-                lv = asyncio.run(sl.run_level(url, top, s["ratio_requests"], images, s["max_tokens"], [], 0))
-                res["server_at_max_clients"] = {k: lv[k] for k in ("clients", "requests", "ok", "errors",
-                                                                   "wall_s", "req_per_s")}
+                res["server_at_max_clients"] = sl.server_measure(url, log_path, top, s["ratio_requests"], images,
+                                                                 s["max_tokens"])
                 _write_json(result_path, res)
                 mixed = sl.measure_short_during_long(url, images, s["long_requests"], s["long_tokens"],
                                                      s["short_tokens"])
@@ -151,7 +150,8 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
 
     # The standalone engine on the same requests, batch 32 (the server is stopped: the GPU is free).
     eng = sl.engine_standalone(ckpt, s["device"], images, s["ratio_requests"], top, s["max_tokens"],
-                               1 if s["device"] == "cpu" else None)
+                               1 if s["device"] == "cpu" else None,
+                               turnarounds_ms=[0.0, res["server_at_max_clients"]["turnaround_ms"]])
     res["engine_standalone"] = eng
     res["server_over_engine"] = res["server_at_max_clients"]["req_per_s"] / eng["req_per_s"]
     res["status"] = "ok"
@@ -384,6 +384,10 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| batching ÷ max-batch 1 at {top} clients (req/s) | {_f(sv.get('batching_ratio_at_max_clients'))}× | ≥ 3× |")
         lines.append(f"| server at {top} clients ÷ standalone engine at batch {top} (req/s) | "
                      f"{_f(sv.get('server_over_engine'))} | ≥ 0.8 |")
+        for cl in (sv.get("engine_standalone") or {}).get("closed_loop", []):
+            lines.append(f"| the scheduler alone, {top} closed-loop clients, turnaround {cl['turnaround_ms']:.0f} ms "
+                         f"÷ standalone engine (req/s) | "
+                         f"{_f(cl['req_per_s'] / sv['engine_standalone']['req_per_s'])} | — |")
         sd = sv.get("short_during_long") or {}
         lines.append(f"| 4-token request during {sd.get('long_requests', '?')}×{sd.get('long_max_tokens', '?')}-token "
                      f"batch: latency ÷ batch duration | {_f(sd.get('ratio'))} | ≤ 0.25 |")

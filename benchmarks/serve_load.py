@@ -152,6 +152,28 @@ def server_batches(lines: list[str]) -> dict:
             "mean_queue_ms": mean("queue_ms"), "mean_gen_ms": mean("gen_ms")}
 
 
+def server_measure(url: str, log_path: Path, clients: int, n: int, images: list[str], max_tokens: int) -> dict:
+    """The server's side of the server-over-engine measure: ``n`` valid requests from ``clients``
+    closed-loop clients, with how full its decode steps were and its turnaround, from ``/health``
+    and the request log ``log_path``."""
+    h0 = health_counters(url)
+    seen = len(log_path.read_text(errors="replace").splitlines())
+    server = asyncio.run(run_level(url, clients, n, images, max_tokens, [], 0))
+    h1 = health_counters(url)
+    logged = server_batches(log_path.read_text(errors="replace").splitlines()[seen:])
+    done = max(1, h1["requests"] - h0["requests"])
+    steps = max(1, h1["steps"] - h0["steps"])
+    out = {k: server[k] for k in ("clients", "requests", "ok", "errors", "wall_s", "req_per_s")}
+    out.update(steps_per_request=steps / done, prefills_per_request=(h1["batches"] - h0["batches"]) / done,
+               # The prefill picks each answer's first token, each step one more per row (answers
+               # ending early at EOS make this a slight overestimate).
+               mean_rows_per_step=(max_tokens - 1) * done / steps,
+               # From an answer leaving the engine to the client's next request joining its queue:
+               # the answer's way out, the client, the next request's way in.
+               turnaround_ms=server["mean_ms"] - logged["mean_queue_ms"] - logged["mean_gen_ms"])
+    return out
+
+
 def health_counters(url: str) -> dict:
     """The scheduler counters of a native server's ``/health`` (requests, steps, prefills)."""
     import httpx
@@ -495,29 +517,13 @@ def main() -> None:
                     for p in res["problems"]:
                         print(f"    problem: {p}", flush=True)
                 if max_batch > 1:
-                    h0 = health_counters(url)
-                    seen = len(log_path.read_text(errors="replace").splitlines())
-                    server = asyncio.run(run_level(url, top, ratio_requests, images, max_tokens, [], 0))
-                    h1 = health_counters(url)
-                    logged = server_batches(log_path.read_text(errors="replace").splitlines()[seen:])
-                    extra["server_at_max_clients"] = {k: server[k] for k in ("clients", "requests", "ok",
-                                                                             "errors", "wall_s", "req_per_s")}
-                    # How full the rows were (the prefill picks each answer's first token, each step
-                    # one more per row; answers ending early at EOS make this a slight overestimate);
-                    # every prefill of newcomers is a forward pass of its own.
-                    done = max(1, h1["requests"] - h0["requests"])
-                    extra["server_at_max_clients"].update(
-                        steps_per_request=(h1["steps"] - h0["steps"]) / done,
-                        prefills_per_request=(h1["batches"] - h0["batches"]) / done,
-                        mean_rows_per_step=(max_tokens - 1) * done / max(1, h1["steps"] - h0["steps"]),
-                        # From an answer leaving the engine to the client's next request joining its
-                        # queue: the answer's way out, the client, the next request's way in.
-                        turnaround_ms=server["mean_ms"] - logged["mean_queue_ms"] - logged["mean_gen_ms"])
+                    extra["server_at_max_clients"] = server = server_measure(
+                        url, log_path, top, ratio_requests, images, max_tokens)
                     print(f"  server alone on the engine measure: {server['req_per_s']:.2f} req/s "
                           f"({server['ok']} ok, {server['errors']} errors); "
-                          f"{extra['server_at_max_clients']['mean_rows_per_step']:.1f} rows per decode step, "
-                          f"{extra['server_at_max_clients']['prefills_per_request']:.2f} prefills per request",
-                          flush=True)
+                          f"{server['mean_rows_per_step']:.1f} rows per decode step, "
+                          f"{server['prefills_per_request']:.2f} prefills per request, turnaround "
+                          f"{server['turnaround_ms']:.0f} ms", flush=True)
                     sdl = measure_short_during_long(url, images, args.long_requests, args.long_tokens,
                                                     args.short_tokens)
                     extra["short_during_long"] = sdl

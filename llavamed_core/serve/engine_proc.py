@@ -228,9 +228,8 @@ class EngineProcess:
             if job is not None and self._take(job, msg[2]):
                 self._finish(job, None)  # a stop string: answered here, the engine row cancelled
             return
-        if kind == "done" or job is None:
-            self.stats = SchedulerStats(**msg[3]["stats"])
-            self.queued = msg[3]["queued"]
+        self.stats = SchedulerStats(**msg[3]["stats"])
+        self.queued = msg[3]["queued"]
         if job is None:
             return
         job.started_at, job.finished_at, job.batch_size = msg[3]["timing"]
@@ -260,6 +259,9 @@ class EngineProcess:
 
         with self._lock:
             self._jobs.pop(job.job_id, None)
+        if result is not None and result.token_ids is None:  # already text (not from this engine)
+            _call(job, "done", result)
+            return
         asm = job.asm
         if result is None:
             job.finished_at = time.monotonic()
