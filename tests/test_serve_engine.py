@@ -364,18 +364,21 @@ def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_
         assert health["requests"] == len(bodies) and health["max_batch_seen"] >= 2
         assert health["cancelled"] == 0  # rows ended at a stop string are not cancellations
 
-        # The engine process dies while a streamed answer runs: the stream ends with a 503 error
-        # event, new requests get 503, /health says why; nothing hangs.
+        # The engine process dies while a streamed answer is in flight: the stream ends with a 503
+        # error event, new requests get 503, /health says why; nothing hangs. The engine is frozen
+        # (SIGSTOP) before the request, so the answer cannot finish before the kill, however fast
+        # the engine or slow this client.
         long = {"messages": [{"role": "user", "content": "Describe everything."}], "max_tokens": 400,
                 "temperature": 0, "stream": True}
         events = []
+        os.kill(pid, signal.SIGSTOP)
         with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     events.append(json.loads(line[6:]))
-                    if len(events) == 3:
+                    if len(events) == 1:  # the stream has started (its role chunk)
                         os.kill(pid, signal.SIGKILL)
-        assert events[-1]["error"]["code"] == "engine_died", events[-1]
+        assert len(events) >= 2 and events[-1]["error"]["code"] == "engine_died", events[-1]
         r = httpx.post(srv.url + "/v1/chat/completions", json=bodies[2], timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_died"
         assert "the engine process stopped (exit code -9)" in r.json()["error"]["message"]

@@ -100,6 +100,7 @@ class EngineProcess:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closing = False
+        self._alive, self._alive_at = False, float("-inf")
         self._reader: threading.Thread | None = None
 
     @property
@@ -109,9 +110,14 @@ class EngineProcess:
 
     @property
     def alive(self) -> bool:
-        """Whether the engine process runs and takes requests."""
-        return self.failure is None and not self._closing and self._proc is not None \
-            and self._proc.is_alive()
+        """Whether the engine process runs and takes requests (asked of the OS at most every
+        50 ms: every request asks, and the reader thread notices a death within ``_POLL_S``)."""
+        if self.failure is not None or self._closing or self._proc is None:
+            return False
+        now = time.monotonic()
+        if now - self._alive_at > 0.05:
+            self._alive, self._alive_at = self._proc.is_alive(), now
+        return self._alive
 
     def start(self) -> Any:
         """Start the engine process and wait until its model is loaded (blocking).

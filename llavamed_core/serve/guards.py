@@ -13,8 +13,8 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import random
 import time
-import uuid
 from typing import Any
 
 from fastapi import Request
@@ -29,6 +29,9 @@ __all__ = ["check_auth", "check_json", "check_ready", "read_body", "HostGuard", 
 log = logging.getLogger("llavamed.serve")
 
 _QUIET_PATHS = ("/health", "/favicon.ico")
+_IDS = random.Random()  # seeded from os.urandom once: request ids are unique, not secret
+"""Source of request ids (``uuid4`` asks the kernel for randomness on every request; in profiles
+under load that was the largest single cost of the event loop)."""
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
@@ -223,7 +226,7 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rec: dict[str, Any] = {"id": "chatcmpl-" + uuid.uuid4().hex[:24]}
+        rec: dict[str, Any] = {"id": f"chatcmpl-{_IDS.getrandbits(96):024x}"}
         scope["llavamed.log"] = rec
         t0 = scope["llavamed.t0"] = time.monotonic()
         status = {"code": 0}
