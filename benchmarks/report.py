@@ -108,6 +108,7 @@ def _serve(d: dict) -> str:
             for r in d["runs"]]
     out = _table(["config", "clients", "requests", "req/s", "p50 ms", "p99 ms", "mean batch",
                   "malformed → 4xx", "errors"], rows, "lrrrrrrrr")
+    gap = ""  # the closed-loop table, after the sentences
     ratio = d["ratio_at_max_clients"]
     errors = sum(r["errors"] for r in d["runs"])
     out += (f"\n\n**{_f(ratio)}×** the requests/s of `--max-batch 1` at the most clients "
@@ -123,19 +124,22 @@ def _serve(d: dict) -> str:
                    f"{srv['prefills_per_request']:.2f} prefills per request "
                    f"(the standalone engine {1 / eng['batch_size']:.2f})" if "mean_rows_per_step" in srv else "")
                 + ".")
-        for cl in eng.get("closed_loop", []):
-            out += (f" The server's scheduler alone in the benchmark's process (no HTTP, no engine process), "
-                    f"{srv['clients']} clients in a closed loop with a turnaround of {cl['turnaround_ms']:,.0f} ms: "
-                    f"**{cl['req_per_s'] / eng['req_per_s']:.2f}** of the standalone engine "
-                    f"({_f(cl['req_per_s'])} req/s; {cl['prefills_per_request']:.2f} prefills and "
-                    f"{cl['steps_per_request']:.2f} steps per request).")
+        loops = eng.get("closed_loop", [])
+        if loops:
+            rows = [[f"{cl['turnaround_ms']:,.0f} ms", _f(cl["req_per_s"]), f"**{cl['req_per_s'] / eng['req_per_s']:.2f}**",
+                     f"{cl['prefills_per_request']:.2f}", f"{cl['steps_per_request']:.2f}"] for cl in loops]
+            gap = ("\n\nWhere the gap comes from: the server's scheduler alone in the benchmark's process (prepared "
+                   f"requests, no HTTP, no engine process), {srv['clients']} clients in a closed loop, each sending "
+                    "its next request a turnaround after its answer (0, then the server's measured turnaround):\n\n"
+                    + _table(["turnaround", "req/s", "÷ standalone", "prefills per request", "steps per request"],
+                             rows, "lrrrr"))
     if "short_during_long" in d:
         sdl = d["short_during_long"]
         out += (f" A {sdl.get('short_completion_tokens', 4)}-token request sent a tenth of the way into "
                 f"{sdl['long_requests']} answers of up to {sdl['long_max_tokens']} tokens: its latency "
                 f"{sdl['short_latency_s'] * 1000:,.0f} ms ÷ the batch's {_f(sdl['long_batch_s'])} s = "
                 f"**{sdl['ratio']:.3f}** (target ≤ 0.25: {_met(sdl['ratio'], 0.25, higher=False)}).")
-    return out
+    return out + gap
 
 
 def _eval(d: dict) -> str:
