@@ -305,29 +305,28 @@ async def run_level(url: str, clients: int, total: int, images: list[str], max_t
 async def short_during_long(url: str, images: list[str], n_long: int, long_tokens: int,
                             short_tokens: int, short_after_s: float | None) -> dict:
     """Send ``n_long`` long requests at once and, ``short_after_s`` later, one short one."""
-    import httpx
 
-    async def one(http: httpx.AsyncClient, n: int, max_tokens: int) -> tuple[float, float, int]:
-        body = {"model": "ckpt", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": images[n % len(images)]}},
-            {"type": "text", "text": f"Describe image {n} in detail."}]}],
-            "max_tokens": max_tokens, "temperature": 0}
-        t0 = time.perf_counter()
-        r = await http.post(url + "/v1/chat/completions", json=body)
-        t1 = time.perf_counter()
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        return t0, t1, int(r.json().get("usage", {}).get("completion_tokens", 0))
+    async def one(n: int, max_tokens: int) -> tuple[float, float, int]:
+        http = LeanClient(url)  # a connection per request: they run at the same time
+        try:
+            t0 = time.perf_counter()
+            status, data = await http.post("/v1/chat/completions",
+                                           chat_body(images[n % len(images)], f"Describe image {n} in detail.",
+                                                     max_tokens))
+            t1 = time.perf_counter()
+        finally:
+            await http.close()
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {data[:200]!r}")
+        return t0, t1, int(json.loads(data).get("usage", {}).get("completion_tokens", 0))
 
-    limits = httpx.Limits(max_connections=n_long + 4, max_keepalive_connections=n_long + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
-        start = time.perf_counter()
-        longs = [asyncio.create_task(one(http, i, long_tokens)) for i in range(n_long)]
-        short = None
-        if short_after_s is not None:
-            await asyncio.sleep(short_after_s)
-            short = await one(http, 1000, short_tokens)
-        done = await asyncio.gather(*longs)
+    start = time.perf_counter()
+    longs = [asyncio.create_task(one(i, long_tokens)) for i in range(n_long)]
+    short = None
+    if short_after_s is not None:
+        await asyncio.sleep(short_after_s)
+        short = await one(1000, short_tokens)
+    done = await asyncio.gather(*longs)
     out = {"long_batch_s": max(t1 for _, t1, _ in done) - start,
            "long_completion_tokens_mean": sum(c for _, _, c in done) / len(done)}
     if short is not None:

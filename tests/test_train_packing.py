@@ -254,10 +254,11 @@ def test_packing_refuses_unknown_attention_before_loading(tiny_ckpt, synth_data,
 
 def test_packed_training_matches_padded_and_learns(tiny_ckpt, mixed_data, tmp_path, monkeypatch):
     from llavamed_core.train import TrainConfig, packed_attention, train
+    from llavamed_core.train import run as train_run
 
     trained = []  # the model the run set the packed attention on, to check that the run sets it back
     apply = packed_attention.apply_packing_plan
-    monkeypatch.setattr(packed_attention, "apply_packing_plan", lambda model, plan: trained.append(model) or
+    monkeypatch.setattr(train_run, "apply_packing_plan", lambda model, plan: trained.append(model) or
                         apply(model, plan))
 
     common = dict(stage="instruct", model=tiny_ckpt, data=mixed_data / "instruct.json", images=mixed_data / "images",

@@ -43,6 +43,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, ModelError
 from ..progress import ProgressCallback, emit
+from .detok import TextAssembler
 
 __all__ = ["GenerationParams", "ChatRequest", "GenerationResult", "Engine", "Preparer", "is_adapter_dir",
            "request_images", "PreparedPrompt"]
@@ -130,6 +131,11 @@ class GenerationResult:
     completion_tokens: int
     token_ids: list[int] | None = None
     """The answer's token ids, from a row that leaves detokenising to its caller (else ``None``)."""
+
+
+def request_stops(params: GenerationParams, checkpoint_stops: list[str]) -> list[str]:
+    """A request's stop strings: its own, then the checkpoint's (empty ones dropped)."""
+    return [s for s in list(params.stop) + list(checkpoint_stops) if s]
 
 
 def request_images(messages: list[dict]) -> list[Any]:
@@ -589,20 +595,14 @@ class Engine(Preparer):
                 gen.seed()
             else:
                 gen.manual_seed(int(p.seed))
-        from .detok import TextAssembler
-
         n = len(prompt_ids)
         row = _Row(index=key, prompt_tokens=n,
                    max_new=max(1, min(p.max_new_tokens, self.context_length - n)),
                    temperature=float(p.temperature), top_p=float(p.top_p),
-                   stops=self.stops_of(request), generator=gen,
+                   stops=request_stops(p, self.stop_strings), generator=gen,
                    request=request, prompt_ids=prompt_ids)
         row.asm = TextAssembler(self.tokenizer, row.stops, row.ids)
         return row
-
-    def stops_of(self, request: ChatRequest) -> list[str]:
-        """A request's stop strings: its own, then the checkpoint's."""
-        return [s for s in list(request.params.stop) + self.stop_strings if s]
 
     def _pick(self, logits: Any, rows: list[_Row]) -> Any:
         """Next token per row: penalties first (vLLM's order), then argmax for greedy rows and a
@@ -659,20 +659,13 @@ class Engine(Preparer):
         if row.penalties is not None:
             row.penalties.add(token)
         if row.ids_only:
-            if len(row.ids) >= row.max_new:
-                row.finish = "length"
             if on_delta is not None:
                 on_delta(row.index, [token])
-            return
-        if on_delta is None and not row.stops:  # nothing reads the text before the end
-            if len(row.ids) >= row.max_new:
-                row.finish = "length"
-            return
-        if row.asm.update():
+        elif (on_delta is not None or row.stops) and row.asm.update():  # else nothing reads the text yet
             row.finish = "stop"
         if row.finish is None and len(row.ids) >= row.max_new:
             row.finish = "length"
-        if row.finish is None and on_delta is not None:
+        if row.finish is None and on_delta is not None and not row.ids_only:
             delta = row.asm.take_delta()
             if delta:
                 on_delta(row.index, delta)

@@ -65,8 +65,6 @@ class RemoteJob(Job):
     on_cancel: Any = field(default=None, repr=False)
     asm: Any = field(default=None, repr=False)
     """The :class:`~llavamed_core.infer.detok.TextAssembler` turning the engine's ids into text."""
-    prompt_tokens: int = 0
-    """The prepared prompt's tokens (for an answer ended here, at a stop string)."""
 
     def cancel(self) -> None:
         """Give up on this job: dropped if queued, stopped at the next token if running."""
@@ -171,14 +169,14 @@ class EngineProcess:
         if self.failure is not None:
             raise EngineDied(self.failure)
         from ..infer.detok import TextAssembler
+        from ..infer.engine import request_stops
 
-        stops = [s for s in list(request.params.stop) + self._stop_strings if s]
+        stops = request_stops(request.params, self._stop_strings)
         with self._lock:
             if len(self._jobs) >= self.max_queue + self.config.max_batch:
                 raise QueueFull()
             job = RemoteJob(request=request, sink=sink, stream=stream, job_id=next(self._ids),
-                            on_cancel=self._cancel, asm=TextAssembler(self._tokenizer, stops),
-                            prompt_tokens=len(request.prepared.input_ids) if request.prepared else 0)
+                            on_cancel=self._cancel, asm=TextAssembler(self._tokenizer, stops))
             self._jobs[job.job_id] = job
         # The engine streams ids for a client stream, and for stop strings (checked here).
         self._down.put(("submit", job.job_id, _to_wire(request), stream or bool(stops)))
@@ -284,13 +282,10 @@ class EngineProcess:
         text, rest = asm.finish()
         if job.stream and rest:
             _call(job, "delta", rest)
-        if asm.stopped:
-            finish = "stop"
-        else:
-            finish = result.finish_reason if result is not None else "stop"
-        prompt = result.prompt_tokens if result is not None else job.prompt_tokens
-        _call(job, "done", GenerationResult(text=text, finish_reason=finish, prompt_tokens=prompt,
-                                            completion_tokens=len(asm.ids)))
+        # Ended here at a stop string: the engine's prompt is the prepared one, its length known.
+        prompt = result.prompt_tokens if result is not None else len(job.request.prepared.input_ids)
+        _call(job, "done", GenerationResult(text=text, finish_reason="stop" if asm.stopped else result.finish_reason,
+                                            prompt_tokens=prompt, completion_tokens=len(asm.ids)))
 
     def _died(self) -> None:
         if self._closing:

@@ -32,6 +32,7 @@ from ..model.checkpoint import check_checkpoint_dir, hub_key, resolve_attn_imple
 from ..progress import ProgressCallback, emit
 from .config import BatchPlan, TrainConfig, config_to_dict, plan_batch
 from .dataset import PackingCollator, PaddingCollator, build_dataset, load_training_conversations
+from .packed_attention import apply_packing_plan, language_attention, packing_plan, use_language_attention
 from .parallel import (deepspeed_config, engage_fsdp_on_cpu, fsdp_config, fsdp_wrap_classes, mechanism_report,
                        single_process_world, world_info)
 
@@ -466,8 +467,6 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     max_length = cfg.max_length or _default_max_length(model_config)
     packing = None
     if cfg.packing:  # the layout and kernel that keep samples apart; refuses others before any loading
-        from .packed_attention import packing_plan
-
         packing = packing_plan(resolve_attn_implementation(device, cfg.attn_implementation),
                                model_config.text_config, max_length)
     convs = load_training_conversations(cfg.data, cfg.images, check_images=cfg.check_images, progress=progress)
@@ -491,8 +490,6 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
                       cfg.preset.per_device_batch)
     args = _training_arguments(cfg, plan, device, world.world_size)  # before the model: ZeRO-3 init
     model = _load_model(cfg, device, args)
-    from .packed_attention import apply_packing_plan, language_attention
-
     llava, loaded_attention = model, language_attention(model)
     switched = packing is not None and bool(packing.language_attention)
     if switched:  # the language model only, checked (a plan that did not take falls back); undone below
@@ -578,8 +575,6 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     mechanism["language_attention"] = language_attention(llava)
     mechanism["packing"] = packing.how if packing is not None else None
     if switched:
-        from .packed_attention import use_language_attention
-
         use_language_attention(llava, loaded_attention)  # what inference loads: the saved model never runs ours
     if world.is_main:
         atomic_write_json(cfg.resolved_run_dir / "mechanism.json", mechanism)
