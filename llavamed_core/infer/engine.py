@@ -48,6 +48,7 @@ from .detok import TextAssembler
 __all__ = ["GenerationParams", "ChatRequest", "GenerationResult", "Engine", "Preparer", "is_adapter_dir",
            "request_images", "PreparedPrompt"]
 
+_UNSET = object()
 _SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 
 
@@ -231,6 +232,8 @@ class Preparer:
         self._prep_lock = threading.Lock()
         self._prep_template: Any = None  # a processor copy no thread encodes with; copied per thread
         self._prep_local = threading.local()
+        self._fast: Any = _UNSET
+        self._image_token_id = self.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
 
     # ------------------------------------------------------------------ prompts
     def _count_image_tokens(self) -> int:
@@ -279,13 +282,18 @@ class Preparer:
     def _thread_processor(self) -> Any:
         proc = getattr(self._prep_local, "processor", None)
         if proc is None:
-            if self._prep_template is None:
-                with self._lock:  # the generating thread mutates self.processor's tokenizer
-                    if self._prep_template is None:
-                        self._prep_template = copy.deepcopy(self.processor)
+            template = self._template()
             with self._prep_lock:
-                proc = self._prep_local.processor = copy.deepcopy(self._prep_template)
+                proc = self._prep_local.processor = copy.deepcopy(template)
         return proc
+
+    def _template(self) -> Any:
+        """A copy of the processor that no thread encodes with (copied per preparing thread)."""
+        if self._prep_template is None:
+            with self._lock:  # the generating thread mutates self.processor's tokenizer
+                if self._prep_template is None:
+                    self._prep_template = copy.deepcopy(self.processor)
+        return self._prep_template
 
     def _prepare_with(self, proc: Any, request: ChatRequest) -> PreparedPrompt:
         try:
@@ -295,15 +303,20 @@ class Preparer:
             raise DataError(f"the chat template could not render the messages ({exc})",
                             "check the roles and content parts of the messages") from None
         images = request_images(request.messages)
-        try:
-            enc = proc(text=[prompt], images=images or None, return_tensors="pt",
-                       add_special_tokens=False)
-        except (ValueError, TypeError, OSError) as exc:
-            raise DataError(f"the processor could not encode the request ({exc})",
-                            "attach images as image parts, not as placeholders in the text") from None
-        ids = enc["input_ids"][0]
-        token_id = self.tokenizer.convert_tokens_to_ids(getattr(proc, "image_token", "<image>"))
-        found = int((ids == token_id).sum())
+        fast = self._fast_prep()
+        got = fast.prepare(prompt, images, proc.tokenizer) if fast is not None else None
+        if got is not None:
+            ids, tensors = got
+        else:
+            try:
+                enc = proc(text=[prompt], images=images or None, return_tensors="pt",
+                           add_special_tokens=False)
+            except (ValueError, TypeError, OSError) as exc:
+                raise DataError(f"the processor could not encode the request ({exc})",
+                                "attach images as image parts, not as placeholders in the text") from None
+            ids = enc["input_ids"][0].tolist()
+            tensors = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        found = ids.count(self._image_token_id)
         if found != len(images) * self._image_tokens:
             raise DataError(f"the prompt holds {found} image tokens for {len(images)} image(s) "
                             f"({self._image_tokens} each): the text contains the image placeholder",
@@ -311,9 +324,19 @@ class Preparer:
         if len(ids) >= self.context_length:
             raise ConfigError(f"the prompt has {len(ids)} tokens, the context length is "
                               f"{self.context_length}", "shorten the conversation")
-        return PreparedPrompt(input_ids=ids.tolist(),
-                              tensors={k: v for k, v in enc.items()
-                                       if k not in ("input_ids", "attention_mask")})
+        return PreparedPrompt(input_ids=ids, tensors=tensors)
+
+    def _fast_prep(self) -> Any:
+        """The :class:`~.fastprep.FastPrep` of this processor (built and checked once), or ``None``
+        when it does not reproduce the processor exactly."""
+        if self._fast is _UNSET:
+            template = self._template()  # not self.processor, whose tokenizer generation mutates
+            with self._prep_lock:
+                if self._fast is _UNSET:
+                    from .fastprep import fast_prep
+
+                    self._fast = fast_prep(template, self._image_tokens)
+        return self._fast
 
     @staticmethod
     def _check_params(p: GenerationParams, i: int) -> None:

@@ -163,6 +163,16 @@ def _int_param(params: dict, key: str) -> int | None:
         raise ValueError(f"{key}={params[key]!r} is not a whole number") from None
 
 
+def image_pixels(data: bytes, param: str) -> int:
+    """Width × height of an image, from its header only (nothing is decoded).
+
+    Raises:
+        APIError: 400 when the bytes are not an image or the header is corrupt.
+    """
+    img = _open_lazily(data, param)
+    return img.width * img.height
+
+
 def _open_lazily(data: bytes, param: str) -> Any:
     """Pillow's lazy open: the header is read (format, mode, size), no pixel is decoded."""
     from PIL import Image, UnidentifiedImageError

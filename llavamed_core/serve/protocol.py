@@ -20,12 +20,12 @@ from pydantic import ValidationError
 
 from .api_errors import bad_request
 from .config import RemoteImagePolicy, ServeLimits
-from .images import (decode_data_url, fetch_remote_image, is_medical, is_remote_url, open_image,
-                     png_data_url, to_data_url)
+from .images import (decode_data_url, fetch_remote_image, image_pixels, is_medical, is_remote_url,
+                     open_image, png_data_url, to_data_url)
 from .schema import SEED_MAX, ChatCompletionRequest, ImagePart, validation_error
 
 __all__ = ["ImageRef", "ParsedChat", "parse_json_body", "parse_chat_request", "fetch_remote_images",
-           "decode_images", "completion_body", "chunk_body", "redact_body"]
+           "quick_to_prepare", "decode_images", "completion_body", "chunk_body", "redact_body"]
 
 
 @dataclass
@@ -212,16 +212,51 @@ async def fetch_remote_images(chat: ParsedChat, limits: ServeLimits, policy: Rem
             ref.data, ref.media_type = await fetch_remote_image(ref.url, ref.param, policy, limits, client)
 
 
-def decode_images(chat: ParsedChat, limits: ServeLimits) -> None:
-    """Decode every image of ``chat`` in place (blocking: run it in a worker thread).
+INLINE_PREP_PIXELS = 512 * 512
+"""Most pixels (all images of a request together) prepared on the event loop itself."""
+INLINE_PREP_URL_CHARS = 1 << 20
+"""Longest data URL (characters) base64-decoded on the event loop to read its image's header."""
 
-    Data URLs are base64-decoded; each image's size is checked from its header before decoding.
+
+def quick_to_prepare(chat: ParsedChat, limits: ServeLimits) -> bool:
+    """Whether ``chat`` is cheap enough to prepare on the event loop: at most
+    :data:`INLINE_PREP_PIXELS` pixels in all, no DICOM/NIfTI rendering (read from the images'
+    headers, after base64-decoding data URLs of at most :data:`INLINE_PREP_URL_CHARS`).
+
+    A small request prepares in about a millisecond, less than handing it to a preparation
+    thread costs under load (the thread waits for the event loop's interpreter lock each time
+    Pillow releases it); a large or medical image goes to the threads, so that it never stalls
+    the event loop. The decoded bytes are kept for :func:`decode_images`.
+
+    Raises:
+        APIError: 400 for a data URL or image header that cannot be used (as decoding would).
+    """
+    pixels = 0
+    for r in chat.images:
+        if not r.data:
+            if is_remote_url(r.url) or len(r.url) > INLINE_PREP_URL_CHARS:
+                return False
+            r.data, r.media_type = decode_data_url(r.url, r.param, limits)
+        if is_medical(r.data, r.media_type):
+            return False
+        pixels += image_pixels(r.data, r.param)
+        if pixels > INLINE_PREP_PIXELS:
+            return False
+    return True
+
+
+def decode_images(chat: ParsedChat, limits: ServeLimits) -> None:
+    """Decode every image of ``chat`` in place (blocking: run it in a worker thread unless
+    :func:`quick_to_prepare` says otherwise).
+
+    Data URLs are base64-decoded (unless already); each image's size is checked from its header
+    before decoding.
 
     Raises:
         APIError: 400 for any image that cannot be used.
     """
     for r in chat.images:
-        if not is_remote_url(r.url):
+        if not r.data and not is_remote_url(r.url):
             r.data, r.media_type = decode_data_url(r.url, r.param, limits)
         r.image = open_image(r.data, r.param, limits, r.media_type)
 

@@ -4,8 +4,8 @@ A chat request is checked completely before it may join a batch, in this order, 
 its own status: auth (401); ``Content-Type: application/json`` (415); model loaded (503); body
 size (413) and body time (408); JSON (400); schema (422; unsupported fields and ``n`` over the
 cap: 400); model name (404); text against the context and no image placeholder (400); remote
-images fetched; then, in the preparation threads, images decoded and the prompt tokenised (400);
-queue (429). ``n`` > 1 runs as ``n`` single-choice requests (:mod:`.choices`).
+images fetched; then images decoded and the prompt tokenised (400): on the event loop when small
+(:func:`~.protocol.quick_to_prepare`), else in the preparation threads; queue (429). ``n`` > 1 runs as ``n`` single-choice requests (:mod:`.choices`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from .api_errors import APIError
 from .choices import complete_choices, split_choices, stream_choices
 from .guards import check_auth, check_json, check_ready, read_body
 from .backend import ClientGone, RequestContext
-from .protocol import fetch_remote_images, parse_chat_request, parse_json_body, redact_body
+from .protocol import (fetch_remote_images, parse_chat_request, parse_json_body, quick_to_prepare,
+                       redact_body)
 
 __all__ = ["api_router"]
 
@@ -93,10 +94,15 @@ def api_router(state: Any) -> APIRouter:
             raise not_found(chat.model)
         state.backend.precheck(chat)
         await fetch_remote_images(chat, config.limits, config.remote_images, state.http)
-        loop = asyncio.get_running_loop()
+        quick = quick_to_prepare(chat, config.limits)  # base64-decodes small images once, for all choices
         subs = split_choices(chat, body) if chat.n > 1 else [(chat, body)]
-        await asyncio.gather(*(loop.run_in_executor(state.prep, state.backend.prepare, sub)
-                               for sub, _ in subs))
+        if quick:  # small images: prepared here, cheaper than a handoff to a thread
+            for sub, _ in subs:
+                state.backend.prepare(sub)
+        else:
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(state.prep, state.backend.prepare, sub)
+                                   for sub, _ in subs))
         rec["images"] = len(chat.images)
         rec["ingest_ms"] = (time.monotonic() - request.scope["llavamed.t0"]) * 1000
         headers = {"X-Request-Id": rec["id"]}
