@@ -13,8 +13,8 @@ In the same run, two measures of the serving engine itself:
 - server over engine: the batching server's requests/s at 32 clients (valid requests only)
   divided by the standalone engine's requests/s on the same requests at batch 32, loaded in
   this process with the same threads; measured in alternating rounds (server, engine, server,
-  ...) and reported as the median of the rounds' ratios, because a shared machine's speed drifts
-  more within a minute than the effects measured (target: at least 0.8);
+  ...) and reported as the median of the rounds' ratios, because a shared machine's speed
+  varies more from one run to the next than the effects measured (target: at least 0.8);
 - the same scheduler alone, in this process, in a closed loop of as many clients with prepared
   requests: once with no turnaround, once with the server's measured turnaround (an answer's way
   out, the client, the next request's way in) — what the arrival pattern costs, without HTTP or
@@ -396,9 +396,11 @@ def server_over_engine(url: str, log_path: Path, engine: Any, device: str, image
     """Server requests/s at ``clients`` over the standalone engine's at batch ``clients``, measured
     in ``rounds`` alternating pairs of ``n`` requests each (server, then engine).
 
-    Alternating pairs make the two figures share the machine's state: on a shared 2-core CPU the
-    same run's speed drifts by 20-30 % over a minute, more than the effects measured. The ratio
-    is the median of the pairs'; each side's requests/s is over all its rounds.
+    Alternating rounds make the two figures share the machine's state: on a shared 2-core CPU
+    the same engine run back to back varies by ±25 %, more than the effects measured, and slow
+    spells last several seconds. The ratio is the median of the rounds' own ratios (each round's
+    server figure over the engine figure measured right after it); each side's best round and
+    mean over all rounds are reported with it.
     """
     server_rounds, engine_rounds = [], []
     for _ in range(rounds):
@@ -410,48 +412,31 @@ def server_over_engine(url: str, log_path: Path, engine: Any, device: str, image
         return sum(r[key] for r in rows)
 
     server = {k: total(server_rounds, k) for k in ("requests", "ok", "errors", "wall_s")}
-    server.update(clients=clients, req_per_s=server["ok"] / server["wall_s"], rounds=rounds)
+    server.update(clients=clients, rounds=rounds, req_per_s=max(r["req_per_s"] for r in server_rounds),
+                  mean_req_per_s=server["ok"] / server["wall_s"],
+                  round_req_per_s=[r["req_per_s"] for r in server_rounds])
     for key in ("steps_per_request", "prefills_per_request", "mean_rows_per_step", "turnaround_ms"):
         server[key] = statistics.fmean(r[key] for r in server_rounds)
     eng = {"requests": total(engine_rounds, "requests"), "wall_s": total(engine_rounds, "wall_s"),
-           "batch_size": clients, "rounds": rounds}
-    eng["req_per_s"] = eng["requests"] / eng["wall_s"]
-    return {"server": server, "engine": eng, "ratio": statistics.median(ratios), "ratios": ratios}
+           "batch_size": clients, "rounds": rounds, "req_per_s": max(r["req_per_s"] for r in engine_rounds),
+           "round_req_per_s": [r["req_per_s"] for r in engine_rounds]}
+    eng["mean_req_per_s"] = eng["requests"] / eng["wall_s"]
+    return {"server": server, "engine": eng, "ratio": statistics.median(ratios), "ratios": ratios,
+            "best_ratio": server["req_per_s"] / eng["req_per_s"]}
 
 
-def engine_standalone(ckpt: Path, device: str, images: list[str], n: int, batch: int, max_tokens: int,
-                      cpu_threads: int | None, turnarounds_ms: list[float] | None = None,
-                      max_wait_ms: float = 10.0) -> dict:
-    """Requests/s of the engine in this process on ``n`` of :func:`run_level`'s requests at ``batch``.
-
-    With ``turnarounds_ms``, also the server's scheduler on the same engine, in this process (no
-    HTTP, no engine process), in a closed loop of ``batch`` clients, each sending its next request
-    a turnaround after its answer (see :func:`scheduler_closed_loop`).
-    """
-    import torch
-
-    from llavamed_core.infer import Engine
-
-    if cpu_threads:
-        torch.set_num_threads(cpu_threads)
-    engine = Engine.load(ckpt, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    engine.generate(engine_requests(images, batch, max_tokens), batch_size=batch)  # warm-up
-    reqs = engine_requests(images, n, max_tokens)
-    sync()
-    t0 = time.perf_counter()
-    out = engine.generate(reqs, batch_size=batch)
-    sync()
-    wall = time.perf_counter() - t0
-    res = {"requests": len(reqs), "batch_size": batch, "wall_s": wall, "req_per_s": len(out) / wall}
-    if turnarounds_ms:
-        res["closed_loop"] = [scheduler_closed_loop(engine, engine_requests(images, n, max_tokens), batch,
-                                                    max_wait_ms, t / 1000.0) for t in turnarounds_ms]
-    return res
+def closed_loop_round(engine: Any, device: str, images: list[str], n: int, clients: int, max_tokens: int,
+                      turnaround_ms: float) -> dict:
+    """:func:`scheduler_closed_loop` on ``n`` requests, right after the standalone engine on the
+    same ``n`` (so that the two share the machine's moment); ``ratio`` is the first over the second."""
+    standalone = engine_rate(engine, device, images, n, clients, max_tokens)
+    cl = scheduler_closed_loop(engine, engine_requests(images, n, max_tokens), clients, 10.0, turnaround_ms / 1000.0)
+    cl.update(standalone_req_per_s=standalone["req_per_s"], ratio=cl["req_per_s"] / standalone["req_per_s"])
+    return cl
 
 
 def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, turnaround_s: float,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, join_wait_ms: float = 25.0) -> dict:
     """The server's :class:`BatchScheduler` alone: ``clients`` requests in flight, each answer
     followed by the client's next request ``turnaround_s`` later (uniformly 0.5–1.5 times that,
     seeded). The requests are prepared beforehand, as the server's API process does. Separates
@@ -465,7 +450,8 @@ def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, 
 
     for r in reqs:
         r.prepared = engine.prepare(r)
-    sched = BatchScheduler(engine, max_batch=clients, max_wait_ms=max_wait_ms, max_queue=len(reqs) + clients)
+    sched = BatchScheduler(engine, max_batch=clients, max_wait_ms=max_wait_ms, join_wait_ms=join_wait_ms,
+                           max_queue=len(reqs) + clients)
     rng = random.Random(seed)
     lock = threading.Condition()
     timers: list[tuple[float, int]] = []  # (when, request index), sent by the dispatcher thread
@@ -532,9 +518,9 @@ def main() -> None:
                     help="OMP_NUM_THREADS of the server on CPU (default 1: on a small shared machine "
                          "more threads make the tiny model's timings erratic); 0 = torch's default")
     ap.add_argument("--ratio-requests", type=int, default=None,
-                    help="requests of the server-over-engine measure, each side (default 1024 for tiny, 128 for 0.5b)")
-    ap.add_argument("--ratio-rounds", type=int, default=4,
-                    help="alternating server/engine rounds the ratio requests are split into (default 4)")
+                    help="requests of the server-over-engine measure, each side (default 2048 for tiny, 128 for 0.5b)")
+    ap.add_argument("--ratio-rounds", type=int, default=None,
+                    help="alternating server/engine rounds the ratio requests are split into (default 8 for tiny, 2 for 0.5b)")
     ap.add_argument("--long-requests", type=int, default=16, help="long answers of the short-during-long measure")
     ap.add_argument("--long-tokens", type=int, default=256, help="max_tokens of the long answers")
     ap.add_argument("--short-tokens", type=int, default=4, help="max_tokens of the short request")
@@ -545,7 +531,8 @@ def main() -> None:
     total = args.requests or (128 if args.size == "tiny" else 32)
     max_tokens = args.max_tokens or 32
     top = max(clients)
-    ratio_requests = args.ratio_requests or (1024 if args.size == "tiny" else 128)
+    ratio_requests = args.ratio_requests or (2048 if args.size == "tiny" else 128)
+    args.ratio_rounds = args.ratio_rounds or (8 if args.size == "tiny" else 2)
     extra: dict = {}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         ckpt = Path(tmp) / "ckpt"
@@ -584,13 +571,15 @@ def main() -> None:
                                              max(top, ratio_requests // args.ratio_rounds), args.ratio_rounds,
                                              max_tokens)
                     extra.update(server_at_max_clients=soe["server"], engine_standalone=soe["engine"],
-                                 server_over_engine=soe["ratio"], server_over_engine_rounds=soe["ratios"])
+                                 server_over_engine=soe["ratio"], server_over_engine_rounds=soe["ratios"],
+                                 server_over_engine_best=soe["best_ratio"])
                     server, eng = soe["server"], soe["engine"]
                     print(f"  server vs standalone engine, {args.ratio_rounds} alternating rounds of "
-                          f"{server['requests'] // args.ratio_rounds} requests: server {server['req_per_s']:.2f} "
-                          f"req/s ({server['ok']} ok, {server['errors']} errors), engine at batch {top} "
-                          f"{eng['req_per_s']:.2f} req/s; ratios "
-                          f"{', '.join(f'{r:.2f}' for r in soe['ratios'])}", flush=True)
+                          f"{server['requests'] // args.ratio_rounds} requests ({server['ok']} ok, "
+                          f"{server['errors']} errors): server req/s "
+                          f"{', '.join(f'{r:.1f}' for r in server['round_req_per_s'])}; engine at batch {top} "
+                          f"{', '.join(f'{r:.1f}' for r in eng['round_req_per_s'])}; median of the rounds' "
+                          f"ratios {soe['ratio']:.2f}, best over best {soe['best_ratio']:.2f}", flush=True)
                     print(f"  server: {server['mean_rows_per_step']:.1f} rows per decode step, "
                           f"{server['prefills_per_request']:.2f} prefills per request, turnaround "
                           f"{server['turnaround_ms']:.0f} ms", flush=True)
@@ -604,11 +593,12 @@ def main() -> None:
                 stop_server(proc)
         turnaround = extra["server_at_max_clients"]["turnaround_ms"]
         eng = extra["engine_standalone"]
-        eng["closed_loop"] = [scheduler_closed_loop(engine, engine_requests(images, ratio_requests, max_tokens),
-                                                    top, 10.0, t / 1000.0) for t in (0.0, turnaround)]
+        eng["closed_loop"] = [closed_loop_round(engine, args.device, images, ratio_requests // args.ratio_rounds,
+                                                top, max_tokens, t) for t in (0.0, turnaround)]
         for cl in eng["closed_loop"]:
             print(f"  scheduler in this process, {top} clients, turnaround {cl['turnaround_ms']:.0f} ms: "
-                  f"{cl['req_per_s']:.2f} req/s ({cl['req_per_s'] / eng['req_per_s']:.2f} of standalone), "
+                  f"{cl['req_per_s']:.2f} req/s ({cl['ratio']:.2f} of the standalone engine's "
+                  f"{cl['standalone_req_per_s']:.2f} measured right before), "
                   f"{cl['prefills_per_request']:.2f} prefills and {cl['steps_per_request']:.2f} steps per request",
                   flush=True)
 
@@ -627,7 +617,8 @@ def main() -> None:
     print(f"\nbatching / max-batch 1 at {top} clients: {ratio:.2f}x requests/s (target >= 3x); "
           f"errors: {errors}; malformed answered 4xx: {sum(r['malformed_4xx'] for r in runs)}")
     print(f"server at {top} clients / standalone engine at batch {top}: {over_engine:.2f} "
-          f"(median of {len(extra['server_over_engine_rounds'])} alternating rounds; target >= 0.8)")
+          f"(median of {len(extra['server_over_engine_rounds'])} alternating rounds; best over best "
+          f"{extra['server_over_engine_best']:.2f}; target >= 0.8)")
     print(f"short request ({args.short_tokens} tokens) latency / long batch duration: {sdl['ratio']:.3f} "
           f"(target <= 0.25)")
     if args.json:

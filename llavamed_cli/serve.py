@@ -42,7 +42,8 @@ def serve_command(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     max_batch: Annotated[int, typer.Option(help="Most requests generated together (1 = no batching).", rich_help_panel=_BATCH)] = 16,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests to join, ms.", rich_help_panel=_BATCH)] = 10.0,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the first request on an idle engine waits for others to join it, ms.", rich_help_panel=_BATCH)] = 10.0,
+    join_wait_ms: Annotated[float, typer.Option(help="While requests run, how long newcomers wait for others before joining the batch together, ms.", rich_help_panel=_BATCH)] = 25.0,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 429.", rich_help_panel=_BATCH)] = 256,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, MiB (more: 413).", rich_help_panel=_LIMITS)] = 20.0,
     max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height (checked from the header, before decoding).", rich_help_panel=_LIMITS)] = 4096 * 4096,
@@ -83,6 +84,7 @@ def serve_command(
     config = ServeConfig(
         model=model, host=host, port=port, api_key=key, served_model_name=served_model_name,
         engine=engine, device=device, dtype=dtype, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        join_wait_ms=join_wait_ms,
         limits=ServeLimits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
                            max_image_bytes=int(max_image_mb * 1024 * 1024), max_images=max_images,
                            max_tokens=max_tokens, max_n=max_n, max_queue=max_queue, max_image_side=max_image_side,

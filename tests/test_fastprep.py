@@ -131,3 +131,20 @@ def test_processors_it_does_not_reproduce_are_left_to_themselves():
     processor = _processor("tiny")
     processor.image_processor.size = {"height": 32, "width": 32}
     assert fast_prep(processor, 16) is None
+
+
+def test_an_error_in_the_fast_path_falls_back_to_the_processor(monkeypatch):
+    """A request the fast path cannot handle is prepared by the processor, not failed."""
+    processor = _processor("tiny")
+    preparer = Preparer(processor, 512)
+    assert preparer._fast_prep() is not None
+    rng = random.Random(4)
+    request = _request(rng, [_image(rng)])
+    want = _both(preparer, request)[1]
+
+    def broken(self, image):
+        raise RuntimeError("cannot")
+
+    monkeypatch.setattr(FastPrep, "_one", broken)
+    got = preparer.prepare(request)
+    assert got.input_ids == want.input_ids and torch.equal(got.tensors["pixel_values"], want.tensors["pixel_values"])

@@ -158,3 +158,29 @@ def test_close_answers_queued_requests_and_refuses_new_ones(tiny_engine):
     assert first.done.is_set() and first.kind == "done"
     with pytest.raises(SchedulerClosed):
         sched.submit(_request(2), _Collector())
+
+
+@pytest.mark.parametrize("join_wait_ms, prefills", [(0, 3), (2000, 2)])
+def test_newcomers_to_a_running_batch_wait_join_wait_for_company(tiny_engine, join_wait_ms, prefills):
+    """While a long answer runs, two newcomers 50 ms apart are prefilled together when the join
+    wait covers the gap (they fill the free rows, so no longer), apart when it does not; the
+    idle engine's first request is admitted after max_wait either way."""
+    import time
+
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    sched = BatchScheduler(tiny_engine, max_batch=3, max_wait_ms=0, join_wait_ms=join_wait_ms)
+    try:
+        long_sink, a, b = _Collector(), _Collector(), _Collector()
+        sched.submit(_request(0, max_new_tokens=400), long_sink)
+        while sched.stats.batches < 1:
+            time.sleep(0.002)
+        sched.submit(_request(1), a)
+        time.sleep(0.05)
+        sched.submit(_request(2), b)
+        assert a.done.wait(60) and b.done.wait(60) and long_sink.done.wait(60)
+        assert not long_sink.outcome.finish_reason == "cancelled"
+        assert long_sink.outcome.completion_tokens > 50  # it was still running when both came
+        assert sched.stats.batches == prefills
+    finally:
+        sched.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import math
 import os
 import threading
@@ -48,6 +49,7 @@ from .detok import TextAssembler
 __all__ = ["GenerationParams", "ChatRequest", "GenerationResult", "Engine", "Preparer", "is_adapter_dir",
            "request_images", "PreparedPrompt"]
 
+log = logging.getLogger("llavamed.infer")
 _UNSET = object()
 _SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 
@@ -304,7 +306,12 @@ class Preparer:
                             "check the roles and content parts of the messages") from None
         images = request_images(request.messages)
         fast = self._fast_prep()
-        got = fast.prepare(prompt, images, proc.tokenizer) if fast is not None else None
+        got = None
+        if fast is not None:
+            try:
+                got = fast.prepare(prompt, images, proc.tokenizer)
+            except Exception:  # an image it cannot handle: the processor decides (and words the error)
+                log.debug("fast preparation failed; using the processor", exc_info=True)
         if got is not None:
             ids, tensors = got
         else:

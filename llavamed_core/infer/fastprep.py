@@ -120,7 +120,7 @@ class FastPrep:
         if rust is None or not hasattr(rust, "encode_batch"):
             return None
         if rust.truncation is not None or rust.padding is not None or \
-                rust.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+                getattr(rust, "encode_special_tokens", False) != bool(getattr(tokenizer, "split_special_tokens", False)):
             return None
         ids = rust.encode_batch([prompt], add_special_tokens=False, is_pretokenized=False)[0].ids
         if self._token_id not in ids:

@@ -136,7 +136,10 @@ class ServeConfig:
     max_batch: int = 16
     """Most requests generated together in one batch (1 = no batching)."""
     max_wait_ms: float = 10.0
-    """How long the first request of a batch waits for others to join it, milliseconds."""
+    """How long the first request on an idle engine waits for others to join it, milliseconds."""
+    join_wait_ms: float = 25.0
+    """While requests run, how long a newcomer waits for others before they are prefilled into the
+    running batch together, milliseconds (each prefill stalls every running request)."""
     limits: ServeLimits = field(default_factory=ServeLimits)
     """Safety caps."""
     remote_images: RemoteImagePolicy = field(default_factory=RemoteImagePolicy)
@@ -169,6 +172,8 @@ class ServeConfig:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"--max-wait-ms must not be negative, got {self.max_wait_ms}")
+        if self.join_wait_ms < 0:
+            raise ConfigError(f"--join-wait-ms must not be negative, got {self.join_wait_ms}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0-65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():

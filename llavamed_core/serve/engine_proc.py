@@ -401,6 +401,7 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
                 outbox.clear()
 
     sched = BatchScheduler(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                           join_wait_ms=config.join_wait_ms,
                            max_queue=config.limits.max_queue + config.max_batch, after_round=flush,
                            detokenize=False)  # the API process detokenises
     jobs: dict[int, Job] = {}

@@ -118,6 +118,7 @@ class NativeBackend(Backend):
             return
         self.scheduler = BatchScheduler(engine, max_batch=self.config.max_batch,
                                         max_wait_ms=self.config.max_wait_ms,
+                                        join_wait_ms=self.config.join_wait_ms,
                                         max_queue=self.config.limits.max_queue)
 
     def close(self) -> None:

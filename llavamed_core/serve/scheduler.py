@@ -7,7 +7,8 @@ request joins a running batch and a finished one leaves at once, so a short answ
 for the longest one in its batch. Newcomers are prefilled together, in one forward pass: on an
 idle server the first request waits up to ``max_wait_ms`` for company; while rows run, newcomers
 join at the next step once they fill the free rows or the first of them has waited
-``max_wait_ms``.
+``join_wait_ms`` (a prefill stalls every running row for about two decode steps, whatever the
+number of newcomers, so while the engine is busy it pays to gather them).
 The queue is bounded (:class:`QueueFull` → 429). A request whose client went away is cancelled:
 dropped if still queued, stopped through the engine's ``should_stop`` if running, so its row
 is freed.
@@ -111,6 +112,8 @@ class BatchScheduler:
             ``generate`` for a request run again alone).
         max_batch: most requests decoding together (1 = one at a time).
         max_wait_ms: on an idle engine, longest wait for more requests to prefill with the first.
+        join_wait_ms: while rows run, longest a newcomer waits for company before it is
+            prefilled into the batch (default: ``max_wait_ms``).
         max_queue: most queued (not yet running) requests.
         check: called in the worker thread with each request right before it is admitted; an
             exception it raises fails that request alone (e.g. a prompt over the context length).
@@ -123,13 +126,15 @@ class BatchScheduler:
 
     def __init__(self, engine: Any, max_batch: int = 16, max_wait_ms: float = 10.0,
                  max_queue: int = 256, check: Callable[[Any], None] | None = None,
-                 after_round: Callable[[], None] | None = None, detokenize: bool = True):
+                 after_round: Callable[[], None] | None = None, detokenize: bool = True,
+                 join_wait_ms: float | None = None):
         self.engine = engine
         self.detokenize = detokenize
         self.check = check
         self.after_round = after_round
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
+        self.join_wait = (max_wait_ms if join_wait_ms is None else join_wait_ms) / 1000.0
         self.max_queue = max_queue
         self.stats = SchedulerStats()
         self._pending: deque[Job] = deque()
@@ -188,9 +193,9 @@ class BatchScheduler:
                     if self._closed or not can_admit or running >= self.max_batch:
                         return []
                     # Newcomers join together: when they fill the free rows, or once the first
-                    # has waited max_wait (each admission costs a forward pass of its own).
+                    # has waited join_wait (each admission costs a forward pass of its own).
                     if len(self._pending) < self.max_batch - running and self._pending and \
-                            time.monotonic() - self._pending[0].enqueued_at < self.max_wait:
+                            time.monotonic() - self._pending[0].enqueued_at < self.join_wait:
                         return []
                 else:
                     while not self._pending and not self._closed:
