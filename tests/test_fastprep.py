@@ -148,3 +148,21 @@ def test_an_error_in_the_fast_path_falls_back_to_the_processor(monkeypatch):
     monkeypatch.setattr(FastPrep, "_one", broken)
     got = preparer.prepare(request)
     assert got.input_ids == want.input_ids and torch.equal(got.tensors["pixel_values"], want.tensors["pixel_values"])
+
+
+def test_engine_batches_through_the_fast_path_equal_the_processors_batch(tiny_ckpt):
+    """``Engine.generate`` (chat, eval vqa) now prepares each request through the fast path and
+    left-pads them together: the model receives exactly what the processor's batched call gives."""
+    from llavamed_core.infer import Engine
+    from llavamed_core.infer.engine import request_images
+
+    engine = Engine.load(tiny_ckpt, device="cpu")
+    assert engine._fast_prep() is not None
+    rng = random.Random(11)
+    requests = [_request(rng, [_image(rng) for _ in range(rng.choice([0, 1, 2]))]) for _ in range(7)]
+    got = engine._batch_inputs(requests)
+    want = engine._encode([engine.render_prompt(r.messages) for r in requests],
+                          [im for r in requests for im in request_images(r.messages)])
+    assert set(got) == set(want) == {"input_ids", "attention_mask", "pixel_values"}
+    for key in got:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key

@@ -606,8 +606,9 @@ class Engine(Preparer):
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def _batch_inputs(self, requests: list[ChatRequest]) -> dict:
-        """The left-padded model inputs of requests (prepared ones collated, others encoded)."""
-        if any(r.prepared is not None for r in requests):  # prepared ahead (serve); the rest here
+        """The left-padded model inputs of requests: each prepared (ahead, as a server does, or
+        here) and collated; the processor's batched call only when there is no exact fast path."""
+        if any(r.prepared is not None for r in requests) or self._fast_prep() is not None:
             return self._collate([r.prepared if r.prepared is not None
                                   else self._prepare_with(self.processor, r) for r in requests])
         return self._encode([self.render_prompt(r.messages) for r in requests],
