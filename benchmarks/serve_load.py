@@ -593,8 +593,9 @@ def main() -> None:
                 stop_server(proc)
         turnaround = extra["server_at_max_clients"]["turnaround_ms"]
         eng = extra["engine_standalone"]
-        eng["closed_loop"] = [closed_loop_round(engine, args.device, images, ratio_requests // args.ratio_rounds,
-                                                top, max_tokens, t) for t in (0.0, turnaround)]
+        n_loop = max(top, ratio_requests // args.ratio_rounds)
+        eng["closed_loop"] = [closed_loop_round(engine, args.device, images, n_loop, top, max_tokens, t)
+                              for t in (0.0, turnaround)]
         for cl in eng["closed_loop"]:
             print(f"  scheduler in this process, {top} clients, turnaround {cl['turnaround_ms']:.0f} ms: "
                   f"{cl['req_per_s']:.2f} req/s ({cl['ratio']:.2f} of the standalone engine's "

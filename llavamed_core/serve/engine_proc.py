@@ -372,9 +372,6 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
     from ..infer.engine import Engine
     from .scheduler import BatchScheduler
 
-    import sys
-    if os.environ.get("XESWITCH"):
-        sys.setswitchinterval(float(os.environ["XESWITCH"]))
     # Ctrl-C reaches the whole process group: the API process handles it and closes this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = mp.parent_process()

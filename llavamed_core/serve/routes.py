@@ -5,7 +5,8 @@ its own status: auth (401); ``Content-Type: application/json`` (415); model load
 size (413) and body time (408); JSON (400); schema (422; unsupported fields and ``n`` over the
 cap: 400); model name (404); text against the context and no image placeholder (400); remote
 images fetched; then images decoded and the prompt tokenised (400): on the event loop when small
-(:func:`~.protocol.quick_to_prepare`), else in the preparation threads; queue (429). ``n`` > 1 runs as ``n`` single-choice requests (:mod:`.choices`).
+(:func:`~.protocol.quick_to_prepare`), else in the preparation threads; queue (429). ``n`` > 1
+runs as ``n`` single-choice requests (:mod:`.choices`).
 """
 
 from __future__ import annotations
