@@ -16,12 +16,13 @@ traceback per rank, and knows nothing of Slurm's variables.
 - :func:`redirect_rank_output` (called first thing in each process) sends a process's stdout and
   stderr to its own log file (``RANK_LOGS`` template) where the launcher asked for it.
 - :func:`launch_training` is the training side: it writes the resolved :class:`TrainConfig` to
-  ``<run dir>/launch_config.json``, runs ``-m llavamed_core.train`` on it and returns rank 0's
-  result.
+  ``<run dir>/launch_config.json`` (``launch_config.node<K>.json`` on node K > 0), runs ``-m
+  llavamed_core.train`` on it and returns rank 0's result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,7 +39,7 @@ from .errors import ConfigError
 
 __all__ = ["LAUNCHED_ENV", "RANK_LOGS_ENV", "LaunchSpec", "resolve_spec", "slurm_settings", "expand_hostlist",
            "slurm_hostnames", "free_port", "torchrun_command", "launch", "redirect_rank_output", "rank_log",
-           "launch_training", "LAUNCH_CONFIG", "main"]
+           "launch_training", "LAUNCH_CONFIG", "launch_config_name", "main"]
 
 LAUNCHED_ENV = "LLAVAMED_LAUNCHED"
 """Set (to ``cpu`` or ``cuda``) in the processes the launcher starts."""
@@ -47,7 +48,8 @@ RANK_LOGS_ENV = "LLAVAMED_RANK_LOGS"
 """``FIRST:TEMPLATE``: ranks ``>= FIRST`` write their output to ``TEMPLATE.format(rank=RANK)``."""
 
 LAUNCH_CONFIG = "launch_config.json"
-"""The resolved training configuration that every process of a launched run reads (in the run dir)."""
+"""The resolved training configuration that every process of a launched run reads (in the run dir);
+node K > 0 of a many-node run writes its own, ``launch_config.node<K>.json`` (:func:`launch_config_name`)."""
 
 DEFAULT_PORT = 29500
 
@@ -290,8 +292,14 @@ def redirect_rank_output() -> Path | None:
     log = rank_log(int(os.environ.get("RANK", "0") or 0))
     if log is None:
         return None
-    log.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for attempt in range(3):  # the folder is shared: another node may remove it while empty
+        log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -342,22 +350,37 @@ def main(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- training
+def launch_config_name(node_rank: int) -> str:
+    """The launch configuration's file name on node ``node_rank``: :data:`LAUNCH_CONFIG` on node 0
+    (and on one node), ``launch_config.node<K>.json`` on node K, so that nodes sharing a run dir
+    (one file system) each keep and remove their own."""
+    return LAUNCH_CONFIG if node_rank == 0 else f"launch_config.node{node_rank}.json"
+
+
+def _node_ranks(spec: LaunchSpec) -> range:
+    """The global ranks of this node's processes (torchrun's static rendezvous: node by node)."""
+    return range(spec.node_rank * spec.nproc_per_node, (spec.node_rank + 1) * spec.nproc_per_node)
+
+
 def launch_training(cfg: Any, spec: LaunchSpec, device: str) -> tuple[int, Any]:
     """Train ``cfg`` in the processes of ``spec``; returns ``(exit status, result)``.
 
-    Writes the configuration to ``<run dir>/launch_config.json`` (every process reads it), runs
-    ``python -m llavamed_core.train`` under torchrun, and reads rank 0's
-    :class:`~llavamed_core.train.TrainResult` back (``None`` on the other nodes, or after a
-    failure, which rank 0 has already reported). Ranks other than 0 write their output to
-    ``<run dir>/logs/rank<N>.log``. A successful run removes the config file and the logs; a
-    failed one keeps them (beside its checkpoints, to resume).
+    Writes the configuration to ``<run dir>/launch_config.json`` (``launch_config.node<K>.json`` on
+    node K > 0; this node's processes read it), runs ``python -m llavamed_core.train`` under
+    torchrun, and reads rank 0's :class:`~llavamed_core.train.TrainResult` back (``None`` on the
+    other nodes, or after a failure, which rank 0 has already reported). Ranks other than 0 write
+    their output to ``<run dir>/logs/rank<N>.log``. A successful run removes this node's config file
+    and its ranks' logs; a failed one keeps them (beside its checkpoints, to resume).
+
+    Nodes may share the run dir (an NFS ``--out``, several nodes on one machine): each creates what
+    it needs and touches only its own files there, so they finish and tidy up in any order.
     """
     from .io import atomic_write_json
     from .train.config import config_to_dict
 
     run_dir = Path(cfg.resolved_run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / LAUNCH_CONFIG
+    config_file = run_dir / launch_config_name(spec.node_rank)
     atomic_write_json(config_file, config_to_dict(cfg))
     # Node-local (another node's launcher may share the run dir): rank 0 runs on this machine.
     scratch = tempfile.TemporaryDirectory(prefix="llavamed-result-")
@@ -378,24 +401,26 @@ def launch_training(cfg: Any, spec: LaunchSpec, device: str) -> tuple[int, Any]:
             result = TrainResult(**data)
     finally:
         scratch.cleanup()
-        _tidy_run_dir(run_dir, ok=code == 0)
+        if code == 0:
+            _tidy_run_dir(run_dir, config_file, [logs / f"rank{r}.log" for r in _node_ranks(spec) if r >= 1])
     return code, result
 
 
-def _tidy_run_dir(run_dir: Path, ok: bool) -> None:
-    """After a successful run, remove the launcher's files (and the run dir when nothing else is
-    left); a failed run keeps them beside its checkpoints: the config it ran and the ranks' logs."""
-    if not ok:
-        return
-    (run_dir / LAUNCH_CONFIG).unlink(missing_ok=True)
-    logs = run_dir / "logs"
-    for p in logs.glob("rank*.log"):
-        p.unlink(missing_ok=True)
-    for d in (logs, run_dir):
-        try:
-            d.rmdir()  # only when empty
-        except OSError:
-            pass
+def _tidy_run_dir(run_dir: Path, config_file: Path, rank_logs: list[Path]) -> None:
+    """After a successful run, remove this node's launcher files (its config file and its ranks'
+    logs), then the logs folder and the run dir when nothing else is left in them.
+
+    Never lists the run dir or the logs folder, and never fails: other nodes sharing the run dir
+    remove their own files and the same empty folders at the same time (a run that trained must not
+    fail on a file another node already removed). A failed run keeps the files beside its checkpoints:
+    the config it ran and the ranks' logs.
+    """
+    for p in (config_file, *rank_logs):
+        with contextlib.suppress(OSError):
+            p.unlink(missing_ok=True)
+    for d in (run_dir / "logs", run_dir):
+        with contextlib.suppress(OSError):  # not empty (another node's files), or already gone
+            d.rmdir()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
   is on PATH, and how the node settings resolve (flags over Slurm's variables over one node).
 - The quiet torchrun: a real two-process launch where rank 1 fails prints one line naming the
   rank and its log, exits with its status, and shows no traceback.
+- Nodes sharing a run dir finish and tidy up in any order: each removes only its own config and
+  its ranks' logs, and never fails on what another node already removed.
 - ``python -m llavamed_core.train CONFIG`` trains the same weights as ``train()`` called directly.
 - A real ``--nproc 2`` run that meets a bad record: one ``Error:`` line (not one per rank), no
   output, and the run dir keeps the config it ran and the ranks' logs.
@@ -129,6 +131,92 @@ def test_torchrun_command_and_rank_logs():
     env = {"LLAVAMED_RANK_LOGS": "1:/r/logs/rank{rank}.log"}
     assert rank_log(0, env) is None and str(rank_log(3, env)) == "/r/logs/rank3.log"
     assert rank_log(0, {}) is None
+
+
+
+# ------------------------------------------------------------------------ nodes sharing a run dir
+@pytest.mark.parametrize("interrupted", [0, 1], ids=["node0-interrupted", "node1-interrupted"])
+def test_nodes_sharing_a_run_dir_finish_in_any_order(tmp_path, monkeypatch, interrupted):
+    """Two nodes (one process each) share the run dir, as on one machine or an NFS ``--out``: the
+    other node's whole run (config, processes, tidying) may happen before any file-system call of
+    this node's tidying, and neither fails (the CI race: one node listed ``logs/`` while the other
+    removed it, and a run that had trained exited with ``…/logs: file not found``). Each node keeps
+    only its own files; both done, no launcher file is left."""
+    import llavamed_core.launch as launcher
+    from llavamed_core.train import TrainConfig
+
+    out = tmp_path / "out"
+    run = tmp_path / "out.run"
+    cfg = TrainConfig(stage="instruct", model=tmp_path / "m", data=tmp_path / "d.json", images=tmp_path / "i",
+                      out=out, global_batch=4, max_steps=2)
+    specs = [LaunchSpec(1, 2, k, "127.0.0.1", 29500, "flags") for k in (0, 1)]
+    calls = {"armed": False, "n": 0, "at": -1, "fired": False}
+
+    def fake_launch(spec, module, args, device="cpu", env=None, rank_logs=None, first_logged_rank=1, **kw):
+        assert rank_logs and json.loads(open(args[0]).read())["out"] == str(out)  # its own config is there
+        for r in range(spec.node_rank * spec.nproc_per_node, (spec.node_rank + 1) * spec.nproc_per_node):
+            if r >= first_logged_rank:  # what redirect_rank_output does in the rank
+                log = launcher.Path(rank_logs.format(rank=r))
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(f"rank {r}\n")
+        calls["armed"] = spec.node_rank == interrupted  # from here on: this node's tidying
+        return 0
+
+    def hooked(name):
+        real = getattr(os, name)
+
+        def call(*a, **kw):
+            if calls["armed"] and not calls["fired"]:
+                if calls["n"] == calls["at"]:  # the other node runs start to end right now
+                    calls["armed"], calls["fired"] = False, True
+                    assert launcher.launch_training(cfg, specs[1 - interrupted], "cpu") == (0, None)
+                calls["n"] += 1
+            return real(*a, **kw)
+        return call
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    for name in ("stat", "lstat", "scandir", "listdir", "unlink", "rmdir", "mkdir", "open", "replace"):
+        monkeypatch.setattr(os, name, hooked(name))
+    at = 0
+    while True:
+        (run / "checkpoint-2").mkdir(parents=True, exist_ok=True)  # kept (--keep-checkpoints)
+        calls.update(armed=False, n=0, at=at, fired=False)
+        assert launcher.launch_training(cfg, specs[interrupted], "cpu") == (0, None)
+        calls["armed"] = False
+        if not calls["fired"]:  # the other node ran after this one's last file-system call
+            assert launcher.launch_training(cfg, specs[1 - interrupted], "cpu") == (0, None)
+        assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2"], at  # no config, no logs left
+        if not calls["fired"]:
+            break
+        at += 1
+    assert at >= 2  # tidying was interrupted at each of its file-system calls
+
+
+def test_each_node_keeps_its_own_files_when_it_fails(tmp_path, monkeypatch):
+    """Node 1 fails after node 0 succeeded: node 1's config and its rank's log stay (what ran, and
+    why it failed); node 0 removed only its own config."""
+    import llavamed_core.launch as launcher
+    from llavamed_core.train import TrainConfig
+
+    cfg = TrainConfig(stage="instruct", model=tmp_path / "m", data=tmp_path / "d.json", images=tmp_path / "i",
+                      out=tmp_path / "out", global_batch=4, max_steps=2)
+
+    def fake_launch(spec, module, args, rank_logs=None, **kw):
+        if spec.node_rank == 1:
+            log = launcher.Path(rank_logs.format(rank=1))
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("Error: out of memory\n")
+        return spec.node_rank  # node 1 fails
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    assert launcher.launch_config_name(0) == "launch_config.json"
+    assert launcher.launch_config_name(1) == "launch_config.node1.json"
+    node1 = launcher.launch_training(cfg, LaunchSpec(1, 2, 1), "cpu")
+    node0 = launcher.launch_training(cfg, LaunchSpec(1, 2, 0), "cpu")
+    assert node0 == (0, None) and node1 == (1, None)
+    run = tmp_path / "out.run"
+    assert sorted(p.name for p in run.iterdir()) == ["launch_config.node1.json", "logs"]
+    assert (run / "logs" / "rank1.log").read_text() == "Error: out of memory\n"
 
 
 # ---------------------------------------------------------------------------------- real launches

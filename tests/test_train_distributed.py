@@ -145,9 +145,12 @@ def _assert_one_world_of_two(results: list[subprocess.CompletedProcess], out) ->
     assert res["world_size"] == 2 and res["steps"] == 2 and res["out"] == str(out)
     assert node1.stdout == "" and "node 1 of 2: done" in node1.stderr
     assert "Traceback" not in node0.stderr + node1.stderr
-    mech = json.loads((out.parent / f"{out.name}.run" / "mechanism.json").read_text())
+    run = out.parent / f"{out.name}.run"
+    mech = json.loads((run / "mechanism.json").read_text())
     assert mech["world_size"] == 2 and mech["distributed"] == "MULTI_CPU"
     assert (out / "model.safetensors").is_file()
+    # Both nodes share the run dir: each removed its own config and logs, whichever finished first.
+    assert not list(run.glob("launch_config*.json")) and not (run / "logs").exists()
 
 
 def test_two_nodes_on_localhost_equal_one_node_of_two(tiny_ckpt, synth_data, tmp_path):
