@@ -117,6 +117,7 @@ def main() -> None:
         "size": args.size, "parameters": n_params, "dtype": str(dtype).replace("torch.", ""),
         "questions": len(questions), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(), "build_s": round(build_s, 1),
+        "cudnn_attention": bool(torch.backends.cuda.cudnn_sdp_enabled()) if args.device.startswith("cuda") else None,
         "one_at_a_time_s": round(base_s, 2), "one_at_a_time_qps": round(len(questions) / base_s, 2),
         "batched_s": round(batched_s, 2), "batched_qps": round(run.answered / batched_s, 2),
         "speedup": round(base_s / batched_s, 2), "same_answers": f"{same}/{len(baseline)}",

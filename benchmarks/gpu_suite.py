@@ -138,6 +138,10 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
                 # The standalone engine in this process, alternating with the server (the same
                 # moment's machine for both); idle while the server runs.
                 engine = sl.load_engine(ckpt, s["device"], images, top, s["max_tokens"], cpu_threads)
+                if s["device"].startswith("cuda"):  # the engine's attention policy, as the server's applies it
+                    import torch
+
+                    res["cudnn_attention"] = bool(torch.backends.cuda.cudnn_sdp_enabled())
                 soe = sl.server_over_engine(url, log_path, engine, s["device"], images, top,
                                             max(top, s["ratio_requests"] // s["ratio_rounds"]),
                                             s["ratio_rounds"], s["max_tokens"])
@@ -166,13 +170,22 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
 
 # ----------------------------------------------------------------------------- eval part
 def eval_part(work: Path, result_path: Path, s: dict) -> None:
+    """``eval_throughput.py`` as llavamed runs it; on CUDA once more with PyTorch's cuDNN attention
+    left on (``LLAVAMED_CUDNN_SDPA=1``), the comparison behind turning it off."""
     res: dict = {"part": "eval", "status": "running"}
-    cmd = [sys.executable, str(HERE / "eval_throughput.py"), *s["eval_args"], "--json"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise RuntimeError(f"eval_throughput.py exited {proc.returncode}: {tail[-1] if tail else ''}")
-    res.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def run(env: dict) -> dict:
+        cmd = [sys.executable, str(HERE / "eval_throughput.py"), *s["eval_args"], "--json"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+        if proc.returncode:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RuntimeError(f"eval_throughput.py exited {proc.returncode}: {tail[-1] if tail else ''}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    res.update(run({}))
+    _write_json(result_path, res)
+    if s["device"].startswith("cuda"):
+        res["cudnn_attention_on"] = run({"LLAVAMED_CUDNN_SDPA": "1"})
     res["status"] = "ok"
     _write_json(result_path, res)
 
@@ -186,10 +199,13 @@ def _free_port() -> int:
 
 def _lm_matmul_params(model) -> int:
     """Language-model parameters without the input embedding table (see the module docstring)."""
+    def numel(p) -> int:  # ZeRO-3 leaves a partitioned parameter empty here; ds_numel is its size
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
     lm = model.model.language_model
     emb = lm.get_input_embeddings()
-    n = sum(p.numel() for p in lm.parameters()) - (emb.weight.numel() if emb is not None else 0)
-    return n + sum(p.numel() for p in model.lm_head.parameters())
+    n = sum(numel(p) for p in lm.parameters()) - (numel(emb.weight) if emb is not None else 0)
+    return n + sum(numel(p) for p in model.lm_head.parameters())
 
 
 def _mechanism(trainer) -> dict:
@@ -220,6 +236,7 @@ def _mechanism(trainer) -> dict:
     out["lora_params"] = sum(p.numel() for _, p in lora)
     out["lora_trainable_params"] = sum(p.numel() for _, p in lora if p.requires_grad)
     out["quantized_4bit_modules"] = sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())
+    out["cudnn_attention"] = bool(torch.backends.cuda.cudnn_sdp_enabled()) if torch.cuda.is_available() else None
     return out
 
 
@@ -363,12 +380,16 @@ def _mechanism_text(m: dict | None) -> str:
     if m.get("collator") == "PackingCollator":
         bits.append("packed rows")
     bits.append(f"attn {m.get('attn_implementation')}")
+    if m.get("cudnn_attention") is not None:
+        bits.append("cuDNN attention " + ("on" if m["cudnn_attention"] else "off"))
     return ", ".join(bits)
 
 
 def render_markdown(report: dict) -> str:
     lines = [f"# GPU suite — {report.get('device') or '?'}", "",
-             f"Started {report['started']}, {report['elapsed_s']:.0f} s so far, budget {report['budget_s']} s"
+             f"Started {report['started']}"
+             f"{' at commit ' + report['commit'] if report.get('commit') else ''}, "
+             f"{report['elapsed_s']:.0f} s so far, budget {report['budget_s']} s"
              f"{' (smoke run: tiny model on CPU)' if report['smoke'] else ''}.", ""]
     parts = report["parts"]
     lines += ["## Serving", ""]
@@ -401,10 +422,15 @@ def render_markdown(report: dict) -> str:
     lines += ["## eval vqa", ""]
     ev = parts.get("eval")
     if ev and ev.get("status") == "ok":
-        lines += ["| questions | one at a time q/s | batched q/s | speedup | identical answers | target |",
-                  "|---:|---:|---:|---:|---|---|",
-                  f"| {ev['questions']} | {ev['one_at_a_time_qps']} | {ev['batched_qps']} | {ev['speedup']}× | "
-                  f"{ev['same_answers']} | ≥ 10× |", ""]
+        lines += ["| cuDNN attention | questions | one at a time q/s | batched q/s | speedup | identical answers | target |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        state = {False: "off (llavamed)", True: "on"}.get(ev.get("cudnn_attention"), "PyTorch's default")
+        for e, label in ((ev, state),
+                         (ev.get("cudnn_attention_on"), "on (`LLAVAMED_CUDNN_SDPA=1`)")):
+            if e:
+                lines.append(f"| {label} | {e['questions']} | {e['one_at_a_time_qps']} | {e['batched_qps']} | "
+                             f"{e['speedup']}× | {e['same_answers']} | ≥ 10× |")
+        lines.append("")
     else:
         lines += [f"- {_reason(ev)}", ""]
     lines += ["## Training", "",
@@ -458,6 +484,20 @@ def _last_error_line(log: Path) -> str:
         if "Error" in ln or "error" in ln or "Exception" in ln:
             return ln[:400]
     return lines[-1][:400] if lines else "no output"
+
+
+def _commit() -> str | None:
+    """The repository's commit (with ``+`` when the working tree differs), if git can tell."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def run_job(job: str, work: Path, logs: Path, limit_s: float, smoke: bool) -> dict:
@@ -555,7 +595,7 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke, "budget_s": args.budget_s,
-              "selected": selected, "device": None, "parts": {}, "elapsed_s": 0.0}
+              "selected": selected, "device": None, "parts": {}, "elapsed_s": 0.0, "commit": _commit()}
 
     def flush() -> None:
         report["elapsed_s"] = time.perf_counter() - start

@@ -441,7 +441,8 @@ def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, 
     followed by the client's next request ``turnaround_s`` later (uniformly 0.5–1.5 times that,
     seeded). The requests are prepared beforehand, as the server's API process does. Separates
     what the arrival pattern of a closed loop costs the engine from what HTTP and the engine
-    process cost."""
+    process cost. The loop runs on this thread, the one that loaded the model, as in the engine
+    process (see ``BatchScheduler``'s ``start``)."""
     import heapq
     import random
     import threading
@@ -451,12 +452,13 @@ def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, 
     for r in reqs:
         r.prepared = engine.prepare(r)
     sched = BatchScheduler(engine, max_batch=clients, max_wait_ms=max_wait_ms, join_wait_ms=join_wait_ms,
-                           max_queue=len(reqs) + clients)
+                           max_queue=len(reqs) + clients, start=False)
     rng = random.Random(seed)
     lock = threading.Condition()
     timers: list[tuple[float, int]] = []  # (when, request index), sent by the dispatcher thread
     state = {"next": min(clients, len(reqs)), "done": 0}
     finished = threading.Event()
+    end: list[float] = []
 
     def sink(kind: str, _payload) -> None:
         if kind == "delta":
@@ -464,6 +466,7 @@ def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, 
         with lock:
             state["done"] += 1
             if state["done"] == len(reqs):
+                end.append(time.perf_counter())
                 finished.set()
             if state["next"] < len(reqs):
                 when = time.monotonic() + turnaround_s * rng.uniform(0.5, 1.5)
@@ -472,12 +475,14 @@ def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, 
                 lock.notify()
 
     def dispatch() -> None:
+        for i in range(min(clients, len(reqs))):
+            sched.submit(reqs[i], sink)
         while not finished.is_set():
             with lock:
                 while not timers and not finished.is_set():
                     lock.wait(0.1)
                 if finished.is_set():
-                    return
+                    break
                 when, i = timers[0]
                 delay = when - time.monotonic()
                 if delay > 0:
@@ -485,18 +490,16 @@ def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, 
                     continue
                 heapq.heappop(timers)
             sched.submit(reqs[i], sink)
+        sched.close()
 
     before = sched.stats.steps, sched.stats.batches
     dispatcher = threading.Thread(target=dispatch, daemon=True)
-    dispatcher.start()
     t0 = time.perf_counter()
-    for i in range(min(clients, len(reqs))):
-        sched.submit(reqs[i], sink)
-    finished.wait()
-    wall = time.perf_counter() - t0
+    dispatcher.start()
+    sched.run()  # until the dispatcher closes it, once every answer is in
+    wall = end[0] - t0
     dispatcher.join(5)
     steps, prefills = sched.stats.steps - before[0], sched.stats.batches - before[1]
-    sched.close()
     return {"turnaround_ms": turnaround_s * 1000, "requests": len(reqs), "wall_s": wall,
             "req_per_s": len(reqs) / wall, "prefills_per_request": prefills / len(reqs),
             "steps_per_request": steps / len(reqs)}

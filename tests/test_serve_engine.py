@@ -406,3 +406,51 @@ def test_penalties_sent_to_the_server_reach_the_engine(tiny_ckpt, tiny_engine):
                        json={"messages": msgs, "max_tokens": 24, "temperature": 0, **penalties})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == expected.text
+
+
+def test_the_engine_process_stops_when_its_api_process_is_killed(tiny_ckpt, tmp_path):
+    """The decode loop runs on the engine process's main thread (its messages arrive on another):
+    when the API process is killed mid-answer, the engine process still notices and exits at once,
+    running rows and all, instead of living on as an orphan holding the model."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    from serve_helpers import start_cli_server
+
+    srv = start_cli_server(["--model", str(tiny_ckpt)], tmp_path / "log.txt")
+    try:
+        pid = httpx.get(srv.url + "/health").json()["engine_pid"]
+        long = {"messages": [{"role": "user", "content": "Describe everything."}], "max_tokens": 4000,
+                "temperature": 0}
+
+        def ask() -> None:
+            try:
+                httpx.post(srv.url + "/v1/chat/completions", json=long, timeout=60)
+            except httpx.HTTPError:
+                pass  # its server is killed below
+
+        threading.Thread(target=ask, daemon=True).start()
+        time.sleep(0.5)  # the answer is being generated
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(10)
+    finally:
+        srv.stop()
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\nState:\tZ" not in f.read()  # a zombie no one reaped has stopped
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = alive()
+    if orphan:  # do not leave it behind
+        os.kill(pid, signal.SIGKILL)
+    assert not orphan, "the engine process outlived its API process"

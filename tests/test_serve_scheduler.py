@@ -184,3 +184,40 @@ def test_newcomers_to_a_running_batch_wait_join_wait_for_company(tiny_engine, jo
         assert sched.stats.batches == prefills
     finally:
         sched.close()
+
+
+def test_a_scheduler_run_by_its_caller_batches_in_the_calling_thread_until_closed(tiny_engine):
+    """``start=False``: no thread of its own; ``run()`` does the batching in the calling thread (the
+    engine process's main thread, which loaded the model), answers equal one-at-a-time answers,
+    and returns once ``close()`` (from another thread) let the running rows finish."""
+    from llavamed_core.serve.scheduler import BatchScheduler
+
+    rounds: list[str] = []
+    sched = BatchScheduler(tiny_engine, max_batch=4, max_wait_ms=50, start=False,
+                           after_round=lambda: rounds.append(threading.current_thread().name))
+    sinks = [_Collector() for _ in range(3)]
+
+    def client() -> None:
+        for i, sink in enumerate(sinks):
+            sched.submit(_request(i), sink)
+        for sink in sinks:
+            assert sink.done.wait(60)
+        sched.close()
+
+    before = threading.active_count()
+    other = threading.Thread(target=client, name="client")
+    other.start()
+    sched.run()  # returns only after close()
+    other.join(10)
+    assert threading.active_count() == before  # no scheduler thread was started
+    assert rounds and set(rounds) == {threading.current_thread().name}
+    alone = tiny_engine.generate([_request(i) for i in range(3)], batch_size=1)
+    assert [s.kind for s in sinks] == ["done"] * 3
+    assert [s.outcome.text for s in sinks] == [r.text for r in alone]
+    assert sched.stats.max_batch_seen == 3
+    threaded = BatchScheduler(tiny_engine, max_batch=1)
+    try:
+        with pytest.raises(RuntimeError):
+            threaded.run()  # its loop runs in its own thread already
+    finally:
+        threaded.close()

@@ -385,6 +385,7 @@ class Engine(Preparer):
 
     def __init__(self, model: Any, processor: Any, model_name: str = "model",
                  path: str | os.PathLike | None = None):
+        from ..model.checkpoint import use_shape_free_sdpa
         from ..model.compat import stop_settings
 
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
@@ -395,6 +396,7 @@ class Engine(Preparer):
         self.path = Path(path) if path is not None else None
         self.device = str(next(model.parameters()).device)
         self.dtype = next(model.parameters()).dtype
+        use_shape_free_sdpa(self.device)  # decode shapes change every step: no per-shape builds
         gen = getattr(model, "generation_config", None)
         # llavamed_stop_strings (stop_strings in older checkpoints); their tokens, also in
         # eos_token_id for other runtimes, stay stop strings here (cut from the text, counted).

@@ -397,10 +397,12 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
                 up.put(("events", outbox[:]))
                 outbox.clear()
 
+    # The decode loop runs on this process's main thread, the thread that loaded the model (see
+    # BatchScheduler's ``start``); a thread of its own receives the API process's messages.
     sched = BatchScheduler(engine, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
                            join_wait_ms=config.join_wait_ms,
                            max_queue=config.limits.max_queue + config.max_batch, after_round=flush,
-                           detokenize=False)  # the API process detokenises
+                           detokenize=False, start=False)  # the API process detokenises
     jobs: dict[int, Job] = {}
 
     def sink_for(job_id: int) -> Any:
@@ -416,32 +418,39 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
                 outbox.append(event)
         return sink
 
+    def receive() -> None:
+        """Hand the API process's messages to the scheduler until it says ``close``."""
+        while True:
+            try:
+                msg = down.get(timeout=_POLL_S)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():  # the API process was killed
+                    os._exit(0)  # nobody is left to answer: stop, running rows and all
+                flush()  # events from outside the decode loop's rounds (a closing scheduler)
+                continue
+            except (EOFError, OSError):  # the API process's end of the queue is gone
+                os._exit(0)
+            if msg[0] == "submit":
+                _, job_id, request, stream = msg
+                request = _from_wire(request)
+                try:
+                    jobs[job_id] = sched.submit(request, sink_for(job_id), stream=stream)
+                except (QueueFull, SchedulerClosed) as exc:
+                    sink_for(job_id)("error", exc)
+                    flush()
+            elif msg[0] == "cancel":
+                job = jobs.get(msg[1])
+                if job is not None:
+                    job.stopped_by_caller = bool(msg[2])
+                    job.cancel()
+            elif msg[0] == "close":
+                sched.close()  # queued jobs get their error now; run() returns once rows finish
+                flush()
+                return
+
     up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length,
                       "stop_strings": list(engine.stop_strings)}))
-    while True:
-        try:
-            msg = down.get(timeout=_POLL_S)
-        except queue.Empty:
-            if parent is not None and not parent.is_alive():  # the API process was killed
-                sched.close(timeout=0)
-                return
-            flush()  # events from outside the decode loop's rounds (a closing scheduler)
-            continue
-        if msg[0] == "submit":
-            _, job_id, request, stream = msg
-            request = _from_wire(request)
-            try:
-                jobs[job_id] = sched.submit(request, sink_for(job_id), stream=stream)
-            except (QueueFull, SchedulerClosed) as exc:
-                sink_for(job_id)("error", exc)
-                flush()
-        elif msg[0] == "cancel":
-            job = jobs.get(msg[1])
-            if job is not None:
-                job.stopped_by_caller = bool(msg[2])
-                job.cancel()
-        elif msg[0] == "close":
-            sched.close()
-            flush()
-            up.put(("closed",))
-            return
+    threading.Thread(target=receive, name="llavamed-engine-inbox", daemon=True).start()
+    sched.run()
+    flush()
+    up.put(("closed",))

@@ -1,6 +1,7 @@
-"""Continuous batching in front of the engine: one worker thread, many waiting requests.
+"""Continuous batching in front of the engine: one batching loop, many waiting requests.
 
-Requests are queued by the HTTP handlers (any thread); a single worker thread runs one
+Requests are queued by the HTTP handlers (any thread); a single loop (a worker thread of the
+scheduler's own, or the thread that calls :meth:`BatchScheduler.run`) runs one
 :class:`~llavamed_core.infer.batch.RunningBatch` of up to ``max_batch`` rows and, between decode
 steps, admits queued requests into it (iteration-level batching, as Orca and vLLM do): a new
 request joins a running batch and a finished one leaves at once, so a short answer never waits
@@ -122,12 +123,19 @@ class BatchScheduler:
         detokenize: ``False``: the engine produces token ids only — deltas are lists of ids,
             results carry ``token_ids``, stop strings are the caller's (the engine process,
             whose API process detokenises).
+        start: ``True``: run the batching loop in a worker thread of its own, started now.
+            ``False``: the caller runs it with :meth:`run`, in the thread that loaded the model
+            (the engine process's main thread). On CPU that matters: an OpenMP thread pool
+            belongs to the thread that starts parallel work, and once a second thread starts
+            its own next to the main thread's, libgomp throttles the waiting of both (its
+            threads then outnumber the cores), which made every CPU kernel of a decode step run
+            2-3x slower in a worker thread than in the main thread.
     """
 
     def __init__(self, engine: Any, max_batch: int = 16, max_wait_ms: float = 10.0,
                  max_queue: int = 256, check: Callable[[Any], None] | None = None,
                  after_round: Callable[[], None] | None = None, detokenize: bool = True,
-                 join_wait_ms: float | None = None):
+                 join_wait_ms: float | None = None, start: bool = True):
         self.engine = engine
         self.detokenize = detokenize
         self.check = check
@@ -140,8 +148,10 @@ class BatchScheduler:
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="llavamed-batcher", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name="llavamed-batcher", daemon=True)
+            self._thread.start()
 
     failure: str | None = None
     """Why the scheduler stopped answering (never set in this process; see ``engine_proc``)."""
@@ -174,8 +184,16 @@ class BatchScheduler:
             self._cond.notify()
         return job
 
+    def run(self) -> None:
+        """Run the batching loop in the calling thread until :meth:`close` was called and the
+        running requests finished (for a scheduler built with ``start=False``)."""
+        if self._thread is not None:
+            raise RuntimeError("this scheduler runs its loop in a thread of its own")
+        self._run()
+
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, cancel the queued ones, and wait for the running ones."""
+        """Stop taking requests, cancel the queued ones, and wait for the running ones (when the
+        loop runs in the scheduler's own thread; :meth:`run` returns once they are done)."""
         with self._cond:
             self._closed = True
             dropped = list(self._pending)
@@ -183,7 +201,8 @@ class BatchScheduler:
             self._cond.notify_all()
         for job in dropped:
             _deliver(job, "error", SchedulerClosed())
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _take(self, running: int, can_admit: bool) -> list[Job] | None:
         """The queued jobs to admit now (``None``: closed and nothing runs)."""

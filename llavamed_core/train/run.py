@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, LlavamedError, TrainingError
 from ..io import atomic_dir, atomic_write_bytes, atomic_write_json
-from ..model.checkpoint import check_checkpoint_dir, hub_key, resolve_attn_implementation
+from ..model.checkpoint import check_checkpoint_dir, hub_key, resolve_attn_implementation, use_shape_free_sdpa
 from ..progress import ProgressCallback, emit
 from .config import BatchPlan, TrainConfig, config_to_dict, plan_batch
 from .dataset import PackingCollator, PaddingCollator, build_dataset, load_training_conversations
@@ -458,6 +458,7 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
         raise ConfigError(f"--out {cfg.out}: exists and is not empty", "choose another --out, or pass --overwrite")
     resume_from = find_resume_checkpoint(cfg)
     device = _device(cfg)
+    cudnn_attention_off = use_shape_free_sdpa(device)  # packed samples and padded batches vary in shape
 
     import torch
     from transformers import AutoConfig, AutoProcessor, PrinterCallback
@@ -574,6 +575,7 @@ def _train(cfg: TrainConfig, progress: ProgressCallback | None = None) -> TrainR
     mechanism["trainable_params_by_part"] = by_part
     mechanism["language_attention"] = language_attention(llava)
     mechanism["packing"] = packing.how if packing is not None else None
+    mechanism["cudnn_attention_off"] = cudnn_attention_off
     if switched:
         use_language_attention(llava, loaded_attention)  # what inference loads: the saved model never runs ours
     if world.is_main:
