@@ -59,3 +59,36 @@ def test_listening_socket_is_tcp_so_responses_are_not_delayed():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_ctrl_c_while_the_model_loads_stops_at_once_without_a_loading_error(tiny_ckpt, tmp_path):
+    """Ctrl-C (SIGINT) while the engine process still loads the model ends the server within a
+    few seconds — the load is abandoned, not awaited — with no "loading failed" line and no
+    engine process left behind."""
+    import re
+    import signal
+    import subprocess
+    import time
+
+    srv = start_cli_server(["--model", str(tiny_ckpt)], tmp_path / "log.txt", wait=False)
+    try:
+        # The engine process starts with the server and spends seconds importing torch and
+        # transformers before it loads anything: interrupt now.
+        children = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True, text=True).stdout.split()
+        srv.proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        code = srv.proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert "loaded in" not in log, "the model loaded before the interrupt: nothing was tested"
+    assert code == 130 and took < 5, (code, took, log)
+    assert "loading failed" not in log and "Traceback" not in log
+    assert re.search(r"Error: interrupted", log)
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                assert "\nState:\tZ" in f.read(), f"process {pid} outlived the server"
+        except FileNotFoundError:
+            pass

@@ -113,6 +113,7 @@ def build_from_preset(preset: str | ModelPreset, seed: int = 0, tokenizer: Any =
     from .tokenizer import build_tiny_tokenizer
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    own_tokenizer = tokenizer is None
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     if image_id is None or image_id == tokenizer.unk_token_id:
@@ -135,6 +136,7 @@ def build_from_preset(preset: str | ModelPreset, seed: int = 0, tokenizer: Any =
     config.llavamed = {"preset": preset.name, "template": preset.template}
     if preset.extra.get("shrunk"):
         config.llavamed["shrunk"] = True
+    if own_tokenizer or preset.extra.get("shrunk"):  # the tokenizer's limit is the model's context
         tokenizer.model_max_length = int(text_kwargs.get("max_position_embeddings") or tokenizer.model_max_length)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

@@ -46,6 +46,7 @@ from .guards import Cors, HostGuard, RequestLog
 from .native import NativeBackend
 from .page import page_router
 from .routes import api_router
+from .scheduler import SchedulerClosed
 
 __all__ = ["create_app", "ServerState"]
 
@@ -78,6 +79,9 @@ class ServerState:
         t0 = time.monotonic()
         try:
             self.backend.start()
+        except SchedulerClosed:  # the server is stopping while the model loads: nothing failed
+            log.info("loading stopped: the server is shutting down")
+            return
         except LlavamedError as exc:
             self.error = exc
         except Exception as exc:  # an unexpected failure still stops the server with one line

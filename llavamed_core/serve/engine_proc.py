@@ -132,9 +132,13 @@ class EngineProcess:
                                        name="llavamed-engine", daemon=True)
         self._proc.start()
         while True:
+            if self._closing:  # the server stops while the model loads (close() ended the process)
+                raise SchedulerClosed()
             try:
                 msg = self._up.get(timeout=_POLL_S)
             except queue.Empty:
+                if self._closing:
+                    raise SchedulerClosed() from None
                 if not self._proc.is_alive():
                     raise ModelError(f"the engine process exited with code {self._proc.exitcode} "
                                      f"while loading {self.config.model}",
@@ -183,12 +187,18 @@ class EngineProcess:
         return job
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the engine process: queued requests get 503, running ones finish (up to ``timeout``)."""
+        """Stop the engine process: queued requests get 503, running ones finish (up to ``timeout``).
+        While the model still loads there is nothing to finish: the process is ended at once (a
+        7B model can take minutes to load; Ctrl-C must not wait for it), and :meth:`start` raises
+        :class:`~.scheduler.SchedulerClosed`."""
         if self._proc is None or self._closing:
             self._closing = True
             return
         self._closing = True
-        if self._proc.is_alive():
+        if self._proc.is_alive() and self._reader is None:  # still loading
+            self._proc.terminate()
+            self._proc.join(5)
+        elif self._proc.is_alive():
             self._down.put(("close",))
             self._proc.join(timeout)
         if self._proc.is_alive():
