@@ -347,6 +347,7 @@ def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_
             return r.status_code, "".join(text), finish, used
 
     cfg = ServeConfig(model=tiny_ckpt, port=0, max_batch=4, max_wait_ms=300)
+    caplog.set_level(logging.INFO, logger="llavamed")  # the request log lines
     with ThreadServer(cfg, wait=False) as srv:  # no engine handed over: the model loads in a child
         seen = []
         while not seen or seen[-1][0] != 200:
@@ -360,6 +361,10 @@ def test_engine_process_answers_as_in_process_and_its_death_is_a_clear_503(tiny_
             answers = list(pool.map(lambda b: ask(srv.url, b), bodies))
         assert answers == [alone(b) for b in bodies]
         assert answers[3][2] == "stop" and answers[3][3] < alone(lesion)[3]  # the stop string cut it
+        # Answers ended here at a stop string are logged with their queue and generation times too.
+        lines = [r.getMessage() for r in caplog.records if "/v1/chat/completions 200" in r.getMessage()]
+        cut = [m for m in lines if "finish=stop" in m and f"completion_tokens={answers[3][3]} " in m]
+        assert len(cut) == 2 and all("queue_ms=" in m and "gen_ms=" in m and "batch=" in m for m in cut), lines
         health = httpx.get(srv.url + "/health").json()
         assert health["requests"] == len(bodies) and health["max_batch_seen"] >= 2
         assert health["cancelled"] == 0  # rows ended at a stop string are not cancellations

@@ -239,6 +239,8 @@ class EngineProcess:
         kind = msg[0]
         job = self._jobs.get(msg[1])
         if kind == "delta":
+            if job is not None and len(msg) > 3:  # the first: when its row started, and with how many
+                job.started_at, job.batch_size = msg[3]
             if job is not None and self._take(job, msg[2]):
                 self._finish(job, None)  # a stop string: answered here, the engine row cancelled
             return
@@ -416,9 +418,15 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
     jobs: dict[int, Job] = {}
 
     def sink_for(job_id: int) -> Any:
+        first = [True]
+
         def sink(kind: str, payload: Any) -> None:
             if kind == "delta":
                 event: tuple = ("delta", job_id, payload)
+                job = jobs.get(job_id)
+                if first[0] and job is not None:  # when it started, for an answer a stop string may end
+                    event += ((job.started_at, job.batch_size),)
+                    first[0] = False
             else:
                 job = jobs.pop(job_id, None)
                 info = {"stats": asdict(sched.stats), "queued": sched.queued,
