@@ -37,11 +37,12 @@ def _number(x) -> bool:
 def _check_serve(sv: dict) -> None:
     assert sv["status"] == "ok", sv
     configs = {(lv["config"], lv["clients"]) for lv in sv["levels"]}
-    assert configs == {(c, n) for c in ("batching", "max-batch 1") for n in (1, 4, 8)}
+    assert configs == {(c, n) for c in ("batching", "max-batch 1") for n in (1, 4, 8)} | \
+        {("batching, preparation threads", 8)}
     for lv in sv["levels"]:
         assert lv["errors"] == 0 and lv["ok"] > 0 and _number(lv["req_per_s"]), lv
         assert lv["malformed_4xx"] > 0  # the malformed requests were answered 4xx, not 5xx
-    for key in ("batching_ratio_at_max_clients", "server_over_engine"):
+    for key in ("batching_ratio_at_max_clients", "server_over_engine", "threads_over_loop_at_max_clients"):
         assert _number(sv[key]), key
     sd = sv["short_during_long"]
     assert _number(sd["ratio"]) and sd["short_latency_s"] <= sd["long_batch_s"] * 10

@@ -31,6 +31,9 @@ def _chat(*urls: str):
 def test_small_images_are_quick_and_decoded_once():
     chat = _chat(data_url(png_bytes(random_image(0, 64))), data_url(png_bytes(random_image(1, 300))))
     assert quick_to_prepare(chat, ServeLimits())
+    assert not quick_to_prepare(chat, ServeLimits(), max_pixels=0)  # --inline-prep-pixels 0
+    assert not quick_to_prepare(chat, ServeLimits(), max_pixels=64 * 64 + 300 * 300 - 1)
+    assert quick_to_prepare(chat, ServeLimits(), max_pixels=64 * 64 + 300 * 300)
     assert all(ref.data.startswith(b"\x89PNG") for ref in chat.images)  # kept for decode_images
 
 
@@ -59,8 +62,6 @@ def test_a_bad_image_gets_the_same_400_on_either_path():
 def test_both_paths_answer_alike_and_big_images_never_run_on_the_loop(tiny_ckpt, tiny_engine, monkeypatch):
     """The same image sent small (prepared on the event loop) and forced through the threads
     gives the same answer; an image over the budget is prepared in a preparation thread."""
-    import llavamed_core.serve.routes as routes
-
     with ThreadServer(ServeConfig(model=tiny_ckpt, port=0), engine_loader=lambda: tiny_engine) as srv:
         backend = srv.state.backend
         seen: list[str] = []
@@ -81,11 +82,12 @@ def test_both_paths_answer_alike_and_big_images_never_run_on_the_loop(tiny_ckpt,
         small = data_url(png_bytes(random_image(5, 48)))
         on_loop = ask(small)
         assert not seen[-1].startswith("llavamed-prep")
-        monkeypatch.setattr(routes, "quick_to_prepare", lambda chat, limits: False)
+        srv.state.config.inline_prep_pixels = 0  # --inline-prep-pixels 0: every image to the threads
         in_thread = ask(small)
         assert seen[-1].startswith("llavamed-prep")
         assert on_loop["choices"] == in_thread["choices"] and on_loop["usage"] == in_thread["usage"]
-        monkeypatch.undo()
-        monkeypatch.setattr(backend, "prepare", recording)
+        srv.state.config.inline_prep_pixels = INLINE_PREP_PIXELS
+        ask(small)
+        assert not seen[-1].startswith("llavamed-prep")
         ask(data_url(png_bytes(random_image(6, int(INLINE_PREP_PIXELS ** 0.5) + 8))))
         assert seen[-1].startswith("llavamed-prep")

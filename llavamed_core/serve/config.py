@@ -13,11 +13,16 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["ServeLimits", "RemoteImagePolicy", "VllmConfig", "ServeConfig"]
+__all__ = ["ServeLimits", "RemoteImagePolicy", "VllmConfig", "ServeConfig", "INLINE_PREP_PIXELS"]
 
 _ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
 """A web origin as browsers send it in ``Origin``: scheme, host, optional port, no path."""
 
+
+
+INLINE_PREP_PIXELS = 512 * 512
+"""Default of ``--inline-prep-pixels``: most pixels (all images of a request together) prepared on
+the event loop itself."""
 
 @dataclass
 class ServeLimits:
@@ -156,6 +161,10 @@ class ServeConfig:
     prep_workers: int = 2
     """Threads that decode and preprocess images and tokenise prompts outside the generation
     thread (also the most images being decoded at once, which bounds their memory)."""
+    inline_prep_pixels: int = INLINE_PREP_PIXELS
+    """A request whose images hold at most this many pixels in all (and no DICOM/NIfTI) is prepared
+    on the event loop, which on few cores is cheaper than a hand-off to a preparation thread;
+    ``0`` sends every image to the threads (many cores: Pillow decodes in parallel there)."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
     """vLLM launch settings (``engine == "vllm"`` only)."""
 
@@ -180,6 +189,9 @@ class ServeConfig:
             raise ConfigError("the API key is empty", "give a non-empty --api-key or LLAVAMED_API_KEY, or neither")
         if self.prep_workers < 1:
             raise ConfigError(f"--prep-workers must be at least 1, got {self.prep_workers}")
+        if self.inline_prep_pixels < 0:
+            raise ConfigError(f"--inline-prep-pixels must not be negative, got {self.inline_prep_pixels}",
+                              "give 0 to prepare every image in the --prep-workers threads")
         if self.vllm.tensor_parallel_size < 1:
             raise ConfigError("--tensor-parallel-size must be at least 1")
         if not 0 < self.vllm.gpu_memory_utilization <= 1:

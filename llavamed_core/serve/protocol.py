@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api_errors import bad_request
-from .config import RemoteImagePolicy, ServeLimits
+from .config import INLINE_PREP_PIXELS, RemoteImagePolicy, ServeLimits
 from .images import (decode_data_url, fetch_remote_image, image_pixels, is_medical, is_remote_url,
                      open_image, png_data_url, to_data_url)
 from .schema import SEED_MAX, ChatCompletionRequest, ImagePart, validation_error
@@ -212,16 +212,15 @@ async def fetch_remote_images(chat: ParsedChat, limits: ServeLimits, policy: Rem
             ref.data, ref.media_type = await fetch_remote_image(ref.url, ref.param, policy, limits, client)
 
 
-INLINE_PREP_PIXELS = 512 * 512
-"""Most pixels (all images of a request together) prepared on the event loop itself."""
 INLINE_PREP_URL_CHARS = 1 << 20
 """Longest data URL (characters) base64-decoded on the event loop to read its image's header."""
 
 
-def quick_to_prepare(chat: ParsedChat, limits: ServeLimits) -> bool:
-    """Whether ``chat`` is cheap enough to prepare on the event loop: at most
-    :data:`INLINE_PREP_PIXELS` pixels in all, no DICOM/NIfTI rendering (read from the images'
-    headers, after base64-decoding data URLs of at most :data:`INLINE_PREP_URL_CHARS`).
+def quick_to_prepare(chat: ParsedChat, limits: ServeLimits, max_pixels: int = INLINE_PREP_PIXELS) -> bool:
+    """Whether ``chat`` is cheap enough to prepare on the event loop: at most ``max_pixels``
+    (``--inline-prep-pixels``, default :data:`INLINE_PREP_PIXELS`) pixels in all, no DICOM/NIfTI
+    rendering (read from the images' headers, after base64-decoding data URLs of at most
+    :data:`INLINE_PREP_URL_CHARS`). With ``max_pixels=0`` only a request without images is.
 
     A small request prepares in about a millisecond, less than handing it to a preparation
     thread costs under load (the thread waits for the event loop's interpreter lock each time
@@ -232,6 +231,8 @@ def quick_to_prepare(chat: ParsedChat, limits: ServeLimits) -> bool:
         APIError: 400 for a data URL or image header that cannot be used (as decoding would).
     """
     pixels = 0
+    if chat.images and max_pixels <= 0:
+        return False
     for r in chat.images:
         if not r.data:
             if is_remote_url(r.url) or len(r.url) > INLINE_PREP_URL_CHARS:
@@ -240,7 +241,7 @@ def quick_to_prepare(chat: ParsedChat, limits: ServeLimits) -> bool:
         if is_medical(r.data, r.media_type):
             return False
         pixels += image_pixels(r.data, r.param)
-        if pixels > INLINE_PREP_PIXELS:
+        if pixels > max_pixels:
             return False
     return True
 

@@ -95,7 +95,8 @@ def api_router(state: Any) -> APIRouter:
             raise not_found(chat.model)
         state.backend.precheck(chat)
         await fetch_remote_images(chat, config.limits, config.remote_images, state.http)
-        quick = quick_to_prepare(chat, config.limits)  # base64-decodes small images once, for all choices
+        # base64-decodes small images once, for all choices
+        quick = quick_to_prepare(chat, config.limits, config.inline_prep_pixels)
         subs = split_choices(chat, body) if chat.n > 1 else [(chat, body)]
         if quick:  # small images: prepared here, cheaper than a handoff to a thread
             for sub, _ in subs:
