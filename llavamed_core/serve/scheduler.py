@@ -126,10 +126,10 @@ class BatchScheduler:
         start: ``True``: run the batching loop in a worker thread of its own, started now.
             ``False``: the caller runs it with :meth:`run`, in the thread that loaded the model
             (the engine process's main thread). On CPU that matters: an OpenMP thread pool
-            belongs to the thread that starts parallel work, and once a second thread starts
-            its own next to the main thread's, libgomp throttles the waiting of both (its
-            threads then outnumber the cores), which made every CPU kernel of a decode step run
-            2-3x slower in a worker thread than in the main thread.
+            belongs to the thread that starts parallel work, and once a second thread had its
+            own next to the main thread's, every CPU kernel of a decode step ran 2-3x slower in
+            the worker thread than in the main thread (measured; most likely libgomp stops
+            letting idle pool threads spin once they outnumber the cores).
     """
 
     def __init__(self, engine: Any, max_batch: int = 16, max_wait_ms: float = 10.0,
