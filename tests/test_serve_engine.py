@@ -459,3 +459,39 @@ def test_the_engine_process_stops_when_its_api_process_is_killed(tiny_ckpt, tmp_
     if orphan:  # do not leave it behind
         os.kill(pid, signal.SIGKILL)
     assert not orphan, "the engine process outlived its API process"
+
+
+def test_a_message_the_engine_process_cannot_read_ends_it_and_requests_fail_instead_of_hanging(tiny_ckpt):
+    """The engine process reads its messages in a thread beside the decode loop: if that thread
+    fails, the process exits (status 1), so the API side reports the engine dead rather than
+    waiting forever for answers."""
+    import time
+
+    from llavamed_core.infer import ChatRequest, GenerationParams
+    from llavamed_core.serve.config import ServeConfig
+    from llavamed_core.serve.engine_proc import EngineDied, EngineProcess
+
+    proc = EngineProcess(ServeConfig(model=tiny_ckpt, port=0))
+    preparer = proc.start()
+    try:
+        got = []
+        req = ChatRequest([{"role": "user", "content": "hi"}], GenerationParams(max_new_tokens=4))
+        req.prepared = preparer.prepare(req)
+        done = []
+        proc.submit(req, lambda kind, payload: done.append(kind))
+        deadline = time.monotonic() + 60
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert done == ["done"]  # it answers
+        proc._down.put(("submit", 1))  # a message of the wrong shape (a bug on the API side)
+        deadline = time.monotonic() + 30
+        while proc.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.failure is not None and "exit code 1" in proc.failure
+        try:
+            proc.submit(req, lambda kind, payload: got.append(kind))
+        except EngineDied:
+            got.append("died")
+        assert got == ["died"]
+    finally:
+        proc.close(timeout=5)

@@ -466,9 +466,18 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
                 flush()
                 return
 
+    def receive_or_die() -> None:
+        """:func:`receive`; if it fails (a bug), the process exits: the API process then answers
+        503 ``engine_died`` instead of waiting for answers that would never come."""
+        try:
+            receive()
+        except BaseException:  # noqa: BLE001 - anything: a silent inbox would hang every request
+            logging.getLogger("llavamed.serve").exception("the engine process could not read a message")
+            os._exit(1)
+
     up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length,
                       "stop_strings": list(engine.stop_strings)}))
-    threading.Thread(target=receive, name="llavamed-engine-inbox", daemon=True).start()
+    threading.Thread(target=receive_or_die, name="llavamed-engine-inbox", daemon=True).start()
     sched.run()
     flush()
     up.put(("closed",))
