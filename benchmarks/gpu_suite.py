@@ -146,12 +146,9 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
                     import torch
 
                     res["cudnn_attention"] = bool(torch.backends.cuda.cudnn_sdp_enabled())
-                soe = sl.server_over_engine(url, log_path, engine, s["device"], images, top,
-                                            max(top, s["ratio_requests"] // s["ratio_rounds"]),
-                                            s["ratio_rounds"], s["max_tokens"])
-                res.update(server_at_max_clients=soe["server"], engine_standalone=soe["engine"],
-                           server_over_engine=soe["ratio"], server_over_engine_rounds=soe["ratios"],
-                           server_over_engine_best=soe["best_ratio"])
+                res.update(sl.server_over_engine(url, log_path, engine, s["device"], images, top,
+                                                 max(top, s["ratio_requests"] // s["ratio_rounds"]),
+                                                 s["ratio_rounds"], s["max_tokens"]))
                 _write_json(result_path, res)
                 mixed = sl.measure_short_during_long(url, images, s["long_requests"], s["long_tokens"],
                                                      s["short_tokens"])
@@ -166,10 +163,9 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
     _write_json(result_path, res)
 
     # The server's scheduler alone on that engine (servers stopped): what the arrival pattern costs.
-    res["engine_standalone"]["closed_loop"] = [
-        sl.closed_loop_round(engine, s["device"], images, max(top, s["ratio_requests"] // s["ratio_rounds"]), top,
-                             s["max_tokens"], t)
-        for t in (0.0, res["server_at_max_clients"]["turnaround_ms"])]
+    res["engine_standalone"]["closed_loop"] = sl.closed_loops(
+        engine, s["device"], images, max(top, s["ratio_requests"] // s["ratio_rounds"]), top, s["max_tokens"],
+        res["server_at_max_clients"]["turnaround_ms"])
     res["status"] = "ok"
     _write_json(result_path, res)
 

@@ -394,7 +394,8 @@ def engine_rate(engine: Any, device: str, images: list[str], n: int, batch: int,
 def server_over_engine(url: str, log_path: Path, engine: Any, device: str, images: list[str],
                        clients: int, n: int, rounds: int, max_tokens: int) -> dict:
     """Server requests/s at ``clients`` over the standalone engine's at batch ``clients``, measured
-    in ``rounds`` alternating pairs of ``n`` requests each (server, then engine).
+    in ``rounds`` alternating pairs of ``n`` requests each (server, then engine), under the keys
+    the results JSON keeps them by.
 
     Alternating rounds make the two figures share the machine's state: on a shared 2-core CPU
     the same engine run back to back varies by ±25 %, more than the effects measured, and slow
@@ -421,8 +422,8 @@ def server_over_engine(url: str, log_path: Path, engine: Any, device: str, image
            "batch_size": clients, "rounds": rounds, "req_per_s": max(r["req_per_s"] for r in engine_rounds),
            "round_req_per_s": [r["req_per_s"] for r in engine_rounds]}
     eng["mean_req_per_s"] = eng["requests"] / eng["wall_s"]
-    return {"server": server, "engine": eng, "ratio": statistics.median(ratios), "ratios": ratios,
-            "best_ratio": server["req_per_s"] / eng["req_per_s"]}
+    return {"server_at_max_clients": server, "engine_standalone": eng, "server_over_engine": statistics.median(ratios),
+            "server_over_engine_rounds": ratios, "server_over_engine_best": server["req_per_s"] / eng["req_per_s"]}
 
 
 def closed_loop_round(engine: Any, device: str, images: list[str], n: int, clients: int, max_tokens: int,
@@ -433,6 +434,12 @@ def closed_loop_round(engine: Any, device: str, images: list[str], n: int, clien
     cl = scheduler_closed_loop(engine, engine_requests(images, n, max_tokens), clients, 10.0, turnaround_ms / 1000.0)
     cl.update(standalone_req_per_s=standalone["req_per_s"], ratio=cl["req_per_s"] / standalone["req_per_s"])
     return cl
+
+
+def closed_loops(engine: Any, device: str, images: list[str], n: int, clients: int, max_tokens: int,
+                 turnaround_ms: float) -> list[dict]:
+    """:func:`closed_loop_round` with no turnaround, then with the server's measured one."""
+    return [closed_loop_round(engine, device, images, n, clients, max_tokens, t) for t in (0.0, turnaround_ms)]
 
 
 def scheduler_closed_loop(engine, reqs: list, clients: int, max_wait_ms: float, turnaround_s: float,
@@ -573,16 +580,15 @@ def main() -> None:
                     soe = server_over_engine(url, log_path, engine, args.device, images, top,
                                              max(top, ratio_requests // args.ratio_rounds), args.ratio_rounds,
                                              max_tokens)
-                    extra.update(server_at_max_clients=soe["server"], engine_standalone=soe["engine"],
-                                 server_over_engine=soe["ratio"], server_over_engine_rounds=soe["ratios"],
-                                 server_over_engine_best=soe["best_ratio"])
-                    server, eng = soe["server"], soe["engine"]
+                    extra.update(soe)
+                    server, eng = soe["server_at_max_clients"], soe["engine_standalone"]
                     print(f"  server vs standalone engine, {args.ratio_rounds} alternating rounds of "
                           f"{server['requests'] // args.ratio_rounds} requests ({server['ok']} ok, "
                           f"{server['errors']} errors): server req/s "
                           f"{', '.join(f'{r:.1f}' for r in server['round_req_per_s'])}; engine at batch {top} "
                           f"{', '.join(f'{r:.1f}' for r in eng['round_req_per_s'])}; median of the rounds' "
-                          f"ratios {soe['ratio']:.2f}, best over best {soe['best_ratio']:.2f}", flush=True)
+                          f"ratios {soe['server_over_engine']:.2f}, best over best "
+                          f"{soe['server_over_engine_best']:.2f}", flush=True)
                     print(f"  server: {server['mean_rows_per_step']:.1f} rows per decode step, "
                           f"{server['prefills_per_request']:.2f} prefills per request, turnaround "
                           f"{server['turnaround_ms']:.0f} ms", flush=True)
@@ -596,9 +602,8 @@ def main() -> None:
                 stop_server(proc)
         turnaround = extra["server_at_max_clients"]["turnaround_ms"]
         eng = extra["engine_standalone"]
-        n_loop = max(top, ratio_requests // args.ratio_rounds)
-        eng["closed_loop"] = [closed_loop_round(engine, args.device, images, n_loop, top, max_tokens, t)
-                              for t in (0.0, turnaround)]
+        eng["closed_loop"] = closed_loops(engine, args.device, images, max(top, ratio_requests // args.ratio_rounds),
+                                          top, max_tokens, turnaround)
         for cl in eng["closed_loop"]:
             print(f"  scheduler in this process, {top} clients, turnaround {cl['turnaround_ms']:.0f} ms: "
                   f"{cl['req_per_s']:.2f} req/s ({cl['ratio']:.2f} of the standalone engine's "

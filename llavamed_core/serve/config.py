@@ -18,11 +18,10 @@ __all__ = ["ServeLimits", "RemoteImagePolicy", "VllmConfig", "ServeConfig", "INL
 _ORIGIN = re.compile(r"https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
 """A web origin as browsers send it in ``Origin``: scheme, host, optional port, no path."""
 
-
-
 INLINE_PREP_PIXELS = 512 * 512
 """Default of ``--inline-prep-pixels``: most pixels (all images of a request together) prepared on
 the event loop itself."""
+
 
 @dataclass
 class ServeLimits:

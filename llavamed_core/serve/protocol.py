@@ -230,9 +230,9 @@ def quick_to_prepare(chat: ParsedChat, limits: ServeLimits, max_pixels: int = IN
     Raises:
         APIError: 400 for a data URL or image header that cannot be used (as decoding would).
     """
-    pixels = 0
     if chat.images and max_pixels <= 0:
         return False
+    pixels = 0
     for r in chat.images:
         if not r.data:
             if is_remote_url(r.url) or len(r.url) > INLINE_PREP_URL_CHARS:
