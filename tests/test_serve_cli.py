@@ -38,6 +38,8 @@ def test_bad_settings(cli, tiny_ckpt):
     assert "Hint: give scheme, host and optional port" in res.stderr
     res = cli("serve", "--model", tiny_ckpt, "--max-n", "0")
     assert res.exit_code == 1 and "max_n must be at least 1" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--join-wait-ms", "-1")
+    assert res.exit_code == 1 and "--join-wait-ms must not be negative" in res.stderr
     res = cli("serve", "--model", tiny_ckpt, "--inline-prep-pixels", "-1")
     assert res.exit_code == 1 and "--inline-prep-pixels must not be negative" in res.stderr
 
