@@ -6,10 +6,8 @@ client at ``http://127.0.0.1:8000/v1``. Logs (one line per request) go to stderr
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -62,6 +60,7 @@ def serve_command(
     cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="A web origin whose pages may call the API from a browser (CORS), e.g. https://app.example.org; repeat or comma-separate; '*' = any. Default: no CORS.", show_default=False, rich_help_panel=_API)] = None,
     prep_workers: Annotated[int, typer.Option(help="Threads decoding images and tokenising prompts outside the generation thread.", rich_help_panel=_BATCH)] = 2,
     inline_prep_pixels: Annotated[int, typer.Option(help="Requests with at most this many image pixels in all are prepared on the event loop (cheaper than a thread hand-off on few cores); 0 sends every image to the --prep-workers threads (many cores).", rich_help_panel=_BATCH)] = 512 * 512,
+    api_processes: Annotated[int, typer.Option(help="Processes answering HTTP (parsing, image decoding, tokenising) in front of the one engine process; more than 1 when one cannot keep a fast GPU busy.", rich_help_panel=_BATCH)] = 1,
     log_requests: Annotated[bool, typer.Option(help="Log request bodies (image data replaced by its size).")] = False,
     vllm_bin: Annotated[Optional[Path], typer.Option(help="The vllm executable (default: `vllm` on PATH).", rich_help_panel=_VLLM)] = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="GPUs to split the model over (vLLM).", rich_help_panel=_VLLM)] = 1,
@@ -72,7 +71,7 @@ def serve_command(
     engine = EngineName(engine).value  # the plain string from here on
     from llavamed_core.errors import ConfigError
     from llavamed_core.serve.config import RemoteImagePolicy, ServeConfig, ServeLimits, VllmConfig
-    from llavamed_core.serve.server import run_server
+    from llavamed_core.serve.server import run_server, setup_logging
 
     from ._config import model as configured_model
 
@@ -93,7 +92,7 @@ def serve_command(
                            body_timeout_s=body_timeout),
         allow_hosts=[h.strip() for v in (allow_host or []) for h in v.split(",") if h.strip()],
         cors_origins=[o.strip() for v in (cors_origin or []) for o in v.split(",") if o.strip()],
-        prep_workers=prep_workers, inline_prep_pixels=inline_prep_pixels,
+        prep_workers=prep_workers, inline_prep_pixels=inline_prep_pixels, api_processes=api_processes,
         remote_images=RemoteImagePolicy(allow=allow_remote_images, timeout_s=remote_image_timeout,
                                         allowed_domains=[d.strip() for d in allowed_domains.split(",") if d.strip()]),
         log_requests=log_requests,
@@ -106,32 +105,7 @@ def serve_command(
         config.validate()
         check_vllm_checkpoint(config.model)  # a v1 linear projector: refuse before binding
         find_vllm(vllm_bin)  # fail now, before binding, with the install hint
-    _setup_logging()
+    setup_logging()
     if key is None and host not in ("127.0.0.1", "localhost", "::1"):
         _console.warn(f"listening on {host} without --api-key: anyone who can reach it may use it")
     run_server(config)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted (a handler bound
-    to the stream of the moment keeps writing to it after it is replaced or closed)."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def _setup_logging() -> None:
-    """Plain timestamped lines on stderr for our request log and uvicorn's own messages."""
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    debug = os.environ.get("LLAVAMED_DEBUG", "") not in ("", "0", "false")
-    for name in ("llavamed", "uvicorn", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(logging.DEBUG if debug and name == "llavamed" else logging.INFO)
-        logger.propagate = False

@@ -73,6 +73,10 @@ class ServerState:
         self.http: Any = None
         self.prep: ThreadPoolExecutor | None = None
         """The preparation threads (image decoding and preprocessing, tokenising)."""
+        self.before_close: list[Callable[[], None]] = []
+        """Called (in a thread) when the server stops, before the backend closes."""
+        self.quiet = False
+        """Log the end of loading at debug level (an API process other than the first)."""
 
     def load(self) -> None:
         """Load the backend (runs in a background thread); on failure record it and stop."""
@@ -95,31 +99,34 @@ class ServerState:
                 self.on_fatal()
             return
         self.load_seconds = time.monotonic() - t0
-        log.info("model %s loaded in %.1f s (%s engine); ready", self.config.model_name,
+        (log.debug if self.quiet else log.info)("model %s loaded in %.1f s (%s engine); ready", self.config.model_name,
                  self.load_seconds, self.backend.name)
 
 
-def _make_backend(config: ServeConfig, engine_loader: Callable[[], Any] | None) -> Backend:
+def _make_backend(config: ServeConfig, engine_loader: Callable[[], Any] | None, link: Any) -> Backend:
     if config.engine == "vllm":
         from .vllm import VllmBackend
 
         return VllmBackend(config)
-    return NativeBackend(config, engine_loader)
+    return NativeBackend(config, engine_loader, link)
 
 
-def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = None) -> Any:
+def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = None,
+               engine_link: Any = None) -> Any:
     """Build the FastAPI app for ``config``; the model loads in the background once it starts.
 
     Args:
         config: the server settings (validated here).
         engine_loader: for the native engine, a function returning the engine (default:
             ``Engine.load`` of ``config.model``).
+        engine_link: with ``--api-processes`` above 1, this process's
+            :class:`~.engine_proc.EngineLink` to the shared engine process.
 
     Returns:
         The ASGI app (``app.state.llavamed`` holds the :class:`ServerState`).
     """
     config.validate()
-    state = ServerState(config, _make_backend(config, engine_loader))
+    state = ServerState(config, _make_backend(config, engine_loader, engine_link))
 
     @asynccontextmanager
     async def lifespan(_app: Any):
@@ -130,6 +137,8 @@ def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = No
             yield
         finally:
             state.prep.shutdown(wait=False, cancel_futures=True)
+            for hook in state.before_close:
+                await asyncio.to_thread(hook)
             await asyncio.to_thread(state.backend.close)
             await state.backend.aclose()
             await state.http.aclose()
@@ -144,7 +153,8 @@ def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = No
         app.add_middleware(Cors, origins=config.cors_origins)
     if config.api_key is None:
         app.add_middleware(HostGuard, config=config)
-    app.add_middleware(RequestLog)  # added last: the outermost, so it sees every request
+    # Added last: the outermost, so it sees every request.
+    app.add_middleware(RequestLog, api_process=engine_link.index if engine_link is not None else None)
     return app
 
 

@@ -164,6 +164,10 @@ class ServeConfig:
     """A request whose images hold at most this many pixels in all (and no DICOM/NIfTI) is prepared
     on the event loop, which on few cores is cheaper than a hand-off to a preparation thread;
     ``0`` sends every image to the threads (many cores: Pillow decodes in parallel there)."""
+    api_processes: int = 1
+    """Processes answering HTTP (parsing, image decoding, tokenising, detokenising) in front of
+    the one engine process (native engine): more than 1 when one process's interpreter lock
+    limits a fast GPU (vLLM's ``--api-server-count``)."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
     """vLLM launch settings (``engine == "vllm"`` only)."""
 
@@ -191,6 +195,11 @@ class ServeConfig:
         if self.inline_prep_pixels < 0:
             raise ConfigError(f"--inline-prep-pixels must not be negative, got {self.inline_prep_pixels}",
                               "give 0 to prepare every image in the --prep-workers threads")
+        if self.api_processes < 1:
+            raise ConfigError(f"--api-processes must be at least 1, got {self.api_processes}")
+        if self.api_processes > 1 and self.engine != "native":
+            raise ConfigError("--api-processes above 1 needs --engine native",
+                              "vLLM runs its own API servers: pass --vllm-args \"--api-server-count N\"")
         if self.vllm.tensor_parallel_size < 1:
             raise ConfigError("--tensor-parallel-size must be at least 1")
         if not 0 < self.vllm.gpu_memory_utilization <= 1:

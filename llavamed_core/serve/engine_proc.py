@@ -24,6 +24,14 @@ If the engine process dies, every request in flight gets :class:`EngineDied` (50
 is logged once, and :attr:`EngineProcess.failure` says so (``/health`` 503, new requests 503):
 never a hang.
 
+Several API processes (``--api-processes N``, as vLLM's ``--api-server-count``) may share one
+engine process: :class:`SharedEngine` holds its inbox (one queue every API process puts on) and
+one outbox per API process; API process ``i`` numbers its jobs ``i (mod N)``, so the engine
+process sends each job's events to the outbox of the process that submitted it. API process 0
+owns the engine process (starts and closes it); the others are attached through an
+:class:`EngineLink` and learn of the engine's death from a pipe only the engine process holds
+open (end of file once it is gone), since only a parent may wait for its child.
+
 Use (what :class:`~.native.NativeBackend` does when no engine is handed to it)::
 
     proc = EngineProcess(config)
@@ -45,7 +53,7 @@ from ..errors import LlavamedError, ModelError
 from .config import ServeConfig
 from .scheduler import Job, QueueFull, SchedulerClosed, SchedulerStats
 
-__all__ = ["EngineProcess", "EngineDied", "RemoteJob"]
+__all__ = ["EngineProcess", "EngineDied", "RemoteJob", "SharedEngine", "EngineLink"]
 
 log = logging.getLogger("llavamed.serve")
 
@@ -73,14 +81,59 @@ class RemoteJob(Job):
         self.cancelled = True
 
 
+@dataclass
+class EngineLink:
+    """How API process ``index`` of ``count`` reaches the engine process they share."""
+
+    down: Any
+    """The engine process's inbox (every API process puts on it)."""
+    up: Any
+    """This API process's outbox from the engine process."""
+    index: int
+    """This API process (0 starts and closes the engine process)."""
+    count: int
+    """How many API processes share the engine process."""
+    ups: list | None = None
+    """Every API process's outbox (index 0 only: it hands them to the engine process)."""
+    death: Any = None
+    """Index 0: the write end of the death pipe, for the engine process to hold; the others: its
+    read end, at end of file once the engine process is gone."""
+
+
+class SharedEngine:
+    """The queues and the death pipe of one engine process shared by ``count`` API processes
+    (made by the first API process before it starts the others).
+
+    Args:
+        count: how many API processes.
+    """
+
+    def __init__(self, count: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.count = count
+        self.down: Any = ctx.Queue()
+        self.ups: list = [ctx.Queue() for _ in range(count)]
+        self._death_r, self._death_w = ctx.Pipe(duplex=False)
+
+    def link(self, index: int) -> EngineLink:
+        """API process ``index``'s link (0: the owner's, with every outbox and the pipe's write end)."""
+        if index == 0:
+            return EngineLink(self.down, self.ups[0], 0, self.count, ups=self.ups, death=self._death_w)
+        return EngineLink(self.down, self.ups[index], index, self.count, death=self._death_r)
+
+
 class EngineProcess:
     """The API side of an engine process; submit jobs as to a :class:`~.scheduler.BatchScheduler`.
 
     Args:
         config: the server settings (model, device, batching, queue).
+        link: with several API processes, this one's :class:`EngineLink` (index 0 starts the
+            engine process; the others attach to it). ``None``: one API process, which starts it.
     """
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, link: EngineLink | None = None):
         import multiprocessing as mp
 
         self.config = config
@@ -91,12 +144,17 @@ class EngineProcess:
         self.queued = 0
         """Requests waiting in the engine process for a row (as of its last report)."""
         self._ctx = mp.get_context("spawn")
-        self._down: Any = self._ctx.Queue()
-        self._up: Any = self._ctx.Queue()
+        self._link = link
+        self._owner = link is None or link.index == 0
+        """Whether this API process starts (and closes) the engine process."""
+        self._down: Any = self._ctx.Queue() if link is None else link.down
+        self._up: Any = self._ctx.Queue() if link is None else link.up
         self._proc: Any = None
+        self._pid: int | None = None
         self._jobs: dict[int, RemoteJob] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        index, count = (0, 1) if link is None else (link.index, link.count)
+        self._ids = itertools.count(index + count, count)  # i (mod count): the engine routes by it
         self._closing = False
         self._alive, self._alive_at = False, float("-inf")
         self._reader: threading.Thread | None = None
@@ -104,17 +162,24 @@ class EngineProcess:
     @property
     def pid(self) -> int | None:
         """The engine process's id."""
-        return self._proc.pid if self._proc is not None else None
+        return self._proc.pid if self._proc is not None else self._pid
+
+    def _engine_alive(self) -> bool:
+        """Whether the engine process runs (asked of the OS by its parent, of the death pipe by
+        the attached API processes)."""
+        if self._proc is not None:
+            return self._proc.is_alive()
+        return self._link is not None and not self._link.death.poll()
 
     @property
     def alive(self) -> bool:
         """Whether the engine process runs and takes requests (asked of the OS at most every
         50 ms: every request asks, and the reader thread notices a death within ``_POLL_S``)."""
-        if self.failure is not None or self._closing or self._proc is None:
+        if self.failure is not None or self._closing or self._reader is None:
             return False
         now = time.monotonic()
         if now - self._alive_at > 0.05:
-            self._alive, self._alive_at = self._proc.is_alive(), now
+            self._alive, self._alive_at = self._engine_alive(), now
         return self._alive
 
     def start(self) -> Any:
@@ -128,9 +193,14 @@ class EngineProcess:
         """
         from ..infer.engine import Preparer
 
-        self._proc = self._ctx.Process(target=_engine_main, args=(self.config, self._down, self._up),
-                                       name="llavamed-engine", daemon=True)
-        self._proc.start()
+        if self._owner:
+            link = self._link
+            ups, death = ([self._up], None) if link is None else (link.ups, link.death)
+            self._proc = self._ctx.Process(target=_engine_main, args=(self.config, self._down, ups, death),
+                                           name="llavamed-engine", daemon=True)
+            self._proc.start()
+            if death is not None:
+                death.close()  # the engine process holds the only write end: EOF when it ends
         while True:
             if self._closing:  # the server stops while the model loads (close() ended the process)
                 raise SchedulerClosed()
@@ -139,17 +209,19 @@ class EngineProcess:
             except queue.Empty:
                 if self._closing:
                     raise SchedulerClosed() from None
-                if not self._proc.is_alive():
-                    raise ModelError(f"the engine process exited with code {self._proc.exitcode} "
-                                     f"while loading {self.config.model}",
+                if not self._engine_alive():
+                    code = f" with code {self._proc.exitcode}" if self._proc is not None else ""
+                    raise ModelError(f"the engine process exited{code} while loading {self.config.model}",
                                      "rerun with LLAVAMED_DEBUG=1 for its traceback") from None
                 continue
             if msg[0] == "failed":
-                self._proc.join(10)
+                if self._proc is not None:
+                    self._proc.join(10)
                 raise _rebuild(msg[1])
             if msg[0] == "ready":
                 info = msg[1]
                 break
+        self._pid = info["pid"]
         import copy
 
         # The reader thread detokenises with a tokenizer of its own (the preparation threads
@@ -191,6 +263,12 @@ class EngineProcess:
         While the model still loads there is nothing to finish: the process is ended at once (a
         7B model can take minutes to load; Ctrl-C must not wait for it), and :meth:`start` raises
         :class:`~.scheduler.SchedulerClosed`."""
+        if not self._owner:  # an attached API process: the engine process is not its to stop
+            self._closing = True
+            if self._reader is not None:
+                self._reader.join(timeout)  # it stops at its next poll
+            self._fail_all(SchedulerClosed())
+            return
         if self._proc is None or self._closing:
             self._closing = True
             return
@@ -213,7 +291,7 @@ class EngineProcess:
 
     # ------------------------------------------------------------------ internals
     def _cancel(self, job_id: int, stopped: bool = False) -> None:
-        if self._proc is not None and self._proc.is_alive():
+        if (self._proc is not None or self._link is not None) and self._engine_alive():
             self._down.put(("cancel", job_id, stopped))
 
     def _read(self) -> None:
@@ -222,7 +300,9 @@ class EngineProcess:
             try:
                 msg = self._up.get(timeout=_POLL_S)
             except queue.Empty:
-                if not self._proc.is_alive():
+                if not self._owner and self._closing:
+                    return
+                if not self._engine_alive():
                     self._died()
                     return
                 continue
@@ -302,8 +382,8 @@ class EngineProcess:
     def _died(self) -> None:
         if self._closing:
             return
-        code = self._proc.exitcode
-        self.failure = (f"the engine process stopped (exit code {code}); restart the server")
+        code = f" (exit code {self._proc.exitcode})" if self._proc is not None else ""
+        self.failure = f"the engine process stopped{code}; restart the server"
         log.error("%s; %d request(s) in flight get 503", self.failure, len(self._jobs))
         self._fail_all(EngineDied(self.failure))
 
@@ -375,8 +455,12 @@ def _rebuild(info: dict) -> Exception:
 
 
 # ---------------------------------------------------------------------- the engine process
-def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
-    """The engine process: load the model, then run jobs from ``down`` until told to close."""
+def _engine_main(config: ServeConfig, down: Any, ups: list, death: Any = None) -> None:
+    """The engine process: load the model, then run jobs from ``down`` until told to close.
+
+    ``ups`` holds one outbox per API process (job ``j``'s events go to ``ups[j % len(ups)]``);
+    ``death`` is the write end of the pipe the other API processes watch (held, never written).
+    """
     import multiprocessing as mp
     import os
     import signal
@@ -398,16 +482,26 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
             exc = ModelError(f"{config.model}: loading failed ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})",
                              "rerun with LLAVAMED_DEBUG=1 for the traceback")
-        up.put(("failed", _describe(exc)))
+        for up in ups:
+            up.put(("failed", _describe(exc)))
         return
     outbox: list[tuple] = []  # events of this round, sent together by flush()
     outbox_lock = threading.Lock()
+    n_up = len(ups)
 
     def flush() -> None:
         with outbox_lock:  # put under the lock: two flushing threads keep the events in order
-            if outbox:
-                up.put(("events", outbox[:]))
-                outbox.clear()
+            if not outbox:
+                return
+            if n_up == 1:
+                ups[0].put(("events", outbox[:]))
+            else:  # each API process gets its own jobs' events
+                mine: dict[int, list] = {}
+                for event in outbox:
+                    mine.setdefault(event[1] % n_up, []).append(event)
+                for i, events in mine.items():
+                    ups[i].put(("events", events))
+            outbox.clear()
 
     # The decode loop runs on this process's main thread, the thread that loaded the model (see
     # BatchScheduler's ``start``); a thread of its own receives the API process's messages.
@@ -475,9 +569,12 @@ def _engine_main(config: ServeConfig, down: Any, up: Any) -> None:
             logging.getLogger("llavamed.serve").exception("the engine process could not read a message")
             os._exit(1)
 
-    up.put(("ready", {"processor": engine.processor, "context_length": engine.context_length,
-                      "stop_strings": list(engine.stop_strings)}))
+    ready = {"processor": engine.processor, "context_length": engine.context_length,
+             "stop_strings": list(engine.stop_strings), "pid": os.getpid()}
+    for up in ups:
+        up.put(("ready", ready))
     threading.Thread(target=receive_or_die, name="llavamed-engine-inbox", daemon=True).start()
     sched.run()
     flush()
-    up.put(("closed",))
+    for up in ups:
+        up.put(("closed",))

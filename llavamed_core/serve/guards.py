@@ -216,17 +216,18 @@ class RequestLog:
     The line carries the id, method, path, status, tokens, the time spent reading and checking the
     request (``ingest_ms``), waiting for a batch (``queue_ms``) and generating (``gen_ms``), batch
     size and total latency; streamed responses are logged when the stream ends, so latency covers
-    the whole answer.
+    the whole answer. With several API processes, ``api=I`` names the one that answered.
     """
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, api_process: int | None = None):
         self.app = app
+        self.api_process = api_process
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rec: dict[str, Any] = {"id": f"chatcmpl-{_IDS.getrandbits(96):024x}"}
+        rec: dict[str, Any] = {"id": f"chatcmpl-{_IDS.getrandbits(96):024x}", "api": self.api_process}
         scope["llavamed.log"] = rec
         t0 = scope["llavamed.t0"] = time.monotonic()
         status = {"code": 0}

@@ -61,13 +61,16 @@ class NativeBackend(Backend):
     Args:
         config: the server settings.
         engine_loader: builds the engine (default: ``Engine.load`` of ``config.model``).
+        link: with several API processes, this one's link to the engine process they share.
     """
 
     name = "native"
 
-    def __init__(self, config: ServeConfig, engine_loader: Callable[[], Any] | None = None):
+    def __init__(self, config: ServeConfig, engine_loader: Callable[[], Any] | None = None,
+                 link: Any = None):
         self.config = config
         self._loader = engine_loader
+        self._link = link
         self.engine: Any = None
         """The engine (in this process), or a ``Preparer`` when the model runs in its own process."""
         self.scheduler: Any = None
@@ -103,7 +106,7 @@ class NativeBackend(Backend):
         else:
             from .engine_proc import EngineProcess
 
-            self._process = EngineProcess(self.config)
+            self._process = EngineProcess(self.config, self._link)
             engine = self._process.start()
         self.engine = engine
         self.image_token = getattr(engine.processor, "image_token", None) or "<image>"
@@ -138,6 +141,10 @@ class NativeBackend(Backend):
                "failed_batches": s.failed_batches, "retried_alone": s.retried_alone, "steps": s.steps}
         if self._process is not None:
             out["engine_pid"] = self._process.pid
+        if self._link is not None:  # which of several API processes answered
+            import os
+
+            out.update(api_process=self._link.index, api_processes=self._link.count, api_pid=os.getpid())
         return out
 
     def precheck(self, chat: ParsedChat) -> None:

@@ -10,6 +10,13 @@ headers) ``header_timeout_s`` after it opened, or after its previous response, i
 (uvicorn itself only times out idle keep-alive connections); the body has its own timeout in the
 app (408).
 
+With ``api_processes`` above 1 (native engine) this process also starts that many minus one
+API processes (``spawn``), each running the same app on the same listening socket (the kernel
+hands each new connection to one of them) and sharing this process's engine process
+(:class:`~.engine_proc.SharedEngine`). They stop with this process (Ctrl-C, SIGTERM, or its death);
+if one of them dies, this process logs it and stops the server, rather than serving on with
+fewer processes.
+
 Use::
 
     run_server(ServeConfig(model=Path("ckpt/tiny"), port=8000))   # blocks until Ctrl-C
@@ -20,16 +27,17 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ModelError, NetworkError
+from ..errors import ConfigError, LlavamedError, ModelError, NetworkError
 from ..model.hub import resolve_served_model
 from .app import create_app
 from .config import ServeConfig
 
-__all__ = ["Server", "run_server", "bind_socket", "header_timeout_protocol"]
+__all__ = ["Server", "run_server", "bind_socket", "header_timeout_protocol", "setup_logging"]
 
 log = logging.getLogger("llavamed.serve")
 
@@ -115,6 +123,9 @@ class Server:
         engine_loader: builds the native engine (default: ``Engine.load``); tests pass one that
             returns an already loaded engine so several servers share it.
         log_level: uvicorn's own log level (our request log is the ``llavamed.serve`` logger).
+        sock: a listening socket to serve on instead of binding one (an API process started by
+            another, with ``link``).
+        link: an API process's :class:`~.engine_proc.EngineLink` to the engine process it shares.
 
     Raises:
         ConfigError: bad settings.
@@ -123,7 +134,9 @@ class Server:
     """
 
     def __init__(self, config: ServeConfig, engine_loader: Callable[[], Any] | None = None,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", sock: socket.socket | None = None, link: Any = None):
+        import dataclasses
+
         import uvicorn
 
         config.validate()
@@ -135,9 +148,29 @@ class Server:
             raise ModelError(f"--model {model}: not a checkpoint (no config.json)",
                              "point --model at a checkpoint directory written by llavamed or transformers")
         self.config = config
-        self.app = create_app(config, engine_loader=engine_loader)
+        self.log_level = log_level
+        self._shared: Any = None
+        self._workers: list[Any] = []
+        self._stopping = False
+        self.failure: LlavamedError | None = None
+        """Why the server stopped on its own (an API process died)."""
+        if config.api_processes > 1 and link is None:
+            if engine_loader is not None:
+                raise ConfigError("--api-processes above 1 runs the model in an engine process of its own",
+                                  "leave engine_loader unset")
+            from .engine_proc import SharedEngine
+
+            self._shared = SharedEngine(config.api_processes)
+            link = self._shared.link(0)
+            # The other API processes load this checkpoint, not the name it was fetched by.
+            self._worker_config = dataclasses.replace(config, model=model)
+        self.index = link.index if link is not None else 0
+        self.app = create_app(config, engine_loader=engine_loader, engine_link=link)
         self.state = self.app.state.llavamed
-        self._sock = bind_socket(config.host, config.port)
+        self.state.quiet = self.index > 0
+        if self._shared is not None:
+            self.state.before_close.append(self._stop_workers)
+        self._sock = sock if sock is not None else bind_socket(config.host, config.port)
         host, port = self._sock.getsockname()[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         """The base URL, e.g. ``http://127.0.0.1:8000``."""
@@ -149,24 +182,137 @@ class Server:
 
     def stop(self) -> None:
         """Ask the server to shut down (any thread); :meth:`run` then returns."""
+        self._stopping = True
         self._uv.should_exit = True
 
     def run(self) -> None:
-        """Serve until stopped (Ctrl-C, SIGTERM, :meth:`stop`, or a failed model load).
+        """Serve until stopped (Ctrl-C, SIGTERM, :meth:`stop`, a failed model load, or the death
+        of one of its API processes).
 
         Raises:
             ModelError: loading the model failed.
+            ConfigError: another API process died.
         """
-        log.info("serving %s (%s engine) on %s; web chat at %s/ ; loading the model...",
-                 self.config.model_name, self.config.engine, self.url, self.url)
+        if self.index == 0:
+            more = f", {self.config.api_processes} API processes" if self.config.api_processes > 1 else ""
+            log.info("serving %s (%s engine%s) on %s; web chat at %s/ ; loading the model...",
+                     self.config.model_name, self.config.engine, more, self.url, self.url)
         try:
+            if self._shared is not None:
+                self._start_workers()
             self._uv.run(sockets=[self._sock])
         finally:
             self._sock.close()
+            self._stop_workers()  # when uvicorn did not get to its shutdown (a failed start)
         if self.state.error is not None:
             raise self.state.error
+        if self.failure is not None:
+            raise self.failure
         if not self._uv.started:
             raise ConfigError("the server could not start (see the log above)")
+
+    # ------------------------------------------------------------------ several API processes
+    def _start_workers(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        for i in range(1, self.config.api_processes):
+            proc = ctx.Process(target=_api_process_main, name=f"llavamed-api-{i}",
+                               args=(self._worker_config, self._sock, self._shared.link(i), self.log_level),
+                               daemon=True)
+            proc.start()
+            self._workers.append(proc)
+        threading.Thread(target=self._watch_workers, name="llavamed-api-watch", daemon=True).start()
+
+    def _watch_workers(self) -> None:
+        """Stop the server if an API process dies while it serves (a death during loading is the
+        load's failure, which this process reports; one found after it is still reported)."""
+        import time
+
+        while not self._stopping:
+            time.sleep(0.25)
+            dead = [p for p in self._workers if not p.is_alive()]
+            if not dead or self._stopping or self.state.error is not None or not self.state.backend.ready:
+                continue
+            proc = dead[0]
+            self.failure = ConfigError(f"API process {proc.name} exited with code {proc.exitcode}; "
+                                       f"the server stopped", "see the log above; restart the server")
+            log.error("%s exited with code %s; stopping the server", proc.name, proc.exitcode)
+            self.stop()
+            return
+
+    def _stop_workers(self) -> None:
+        """Stop the other API processes (before the engine process closes): SIGTERM lets each
+        finish its requests, as this one does."""
+        self._stopping = True
+        for proc in self._workers:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._workers:
+            proc.join(15)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def _api_process_main(config: ServeConfig, sock: socket.socket, link: Any, log_level: str) -> None:
+    """An API process other than the first: serve the app on ``sock`` until told to stop, or
+    until the first API process is gone."""
+    import multiprocessing as mp
+    import os
+    import sys
+    import time
+
+    setup_logging()
+    try:
+        server = Server(config, log_level=log_level, sock=sock, link=link)
+    except LlavamedError as exc:
+        log.error("API process %d: %s", link.index, exc.message)
+        sys.exit(1)
+    parent = mp.parent_process()
+
+    def watch_parent() -> None:
+        while parent is None or parent.is_alive():
+            time.sleep(0.5)
+        server.stop()  # the first API process was killed: stop too
+        time.sleep(10)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="llavamed-parent-watch", daemon=True).start()
+    try:
+        server.run()
+    except LlavamedError:
+        sys.exit(1)  # the first API process reports a failed load
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is when a record is emitted (a handler bound
+    to the stream of the moment keeps writing to it after it is replaced or closed)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging() -> None:
+    """Plain timestamped lines on stderr for our request log and uvicorn's own messages
+    (``LLAVAMED_DEBUG=1``: our debug lines too)."""
+    import os
+
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    debug = os.environ.get("LLAVAMED_DEBUG", "") not in ("", "0", "false")
+    for name in ("llavamed", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.DEBUG if debug and name == "llavamed" else logging.INFO)
+        logger.propagate = False
 
 
 def run_server(config: ServeConfig, engine_loader: Callable[[], Any] | None = None,
