@@ -23,6 +23,12 @@ In the same run, two measures of the serving engine itself:
   a ``--short-tokens`` request sent a tenth of the way into them: its latency divided by the
   long batch's duration (target: at most 0.25; a static batch makes it wait, ratio >= 1).
 
+Then, unless ``--api-processes 1``, a load where the API process is the limit: large images
+(``--api-image-size``, PNG of noise, as a scanner's export is large) and 2-token answers, at the
+most clients, against one server with ``--api-processes 1`` and one with ``--api-processes N``
+in alternating rounds: the requests/s ratio shows what the extra API processes add where
+decoding and preprocessing, not the model, bound the server.
+
 Run::
 
     python benchmarks/serve_load.py                               # CPU, tiny model
@@ -426,6 +432,42 @@ def server_over_engine(url: str, log_path: Path, engine: Any, device: str, image
             "server_over_engine_rounds": ratios, "server_over_engine_best": server["req_per_s"] / eng["req_per_s"]}
 
 
+def api_processes_measure(ckpt: Path, device: str, log_dir: Path, processes: int, clients: int, n: int,
+                          rounds: int, image_side: int, cpu_threads: int | None, max_tokens: int = 2) -> dict:
+    """Requests/s of ``--api-processes processes`` over ``--api-processes 1`` on an API-bound load
+    (``image_side``-pixel PNGs, ``max_tokens``-token answers, ``clients`` closed-loop clients), in
+    ``rounds`` alternating rounds of ``n`` requests; the ratio is the median of the rounds' ratios."""
+    images = make_images(8, image_side)
+    servers = {}
+    try:
+        for count in (1, processes):
+            log_path = log_dir / f"server-api-{count}.log"
+            servers[count] = (*start_server(ckpt, 32, device, log_path, ["--api-processes", str(count)], cpu_threads),
+                              log_path)
+            asyncio.run(run_level(servers[count][1], clients, clients, images, max_tokens, [], 0))  # warm-up
+        rates: dict[int, list[float]] = {1: [], processes: []}
+        ingest: dict[int, list[float]] = {1: [], processes: []}
+        errors = 0
+        for _ in range(rounds):
+            for count in (1, processes):
+                _proc, url, log_path = servers[count]
+                seen = len(log_path.read_text(errors="replace").splitlines())
+                lv = asyncio.run(run_level(url, clients, n, images, max_tokens, [], 0))
+                errors += lv["errors"]
+                rates[count].append(lv["req_per_s"])
+                ingest[count].append(server_batches(log_path.read_text(errors="replace").splitlines()[seen:])
+                                     ["mean_ingest_ms"])
+    finally:
+        for proc, _url, _log in servers.values():
+            stop_server(proc)
+    ratios = [b / a for a, b in zip(rates[1], rates[processes])]
+    return {"processes": processes, "clients": clients, "image_side": image_side, "max_tokens": max_tokens,
+            "requests_per_round": n, "rounds": rounds, "errors": errors,
+            "one_req_per_s": rates[1], "many_req_per_s": rates[processes],
+            "one_mean_ingest_ms": statistics.fmean(ingest[1]), "many_mean_ingest_ms": statistics.fmean(ingest[processes]),
+            "ratio": statistics.median(ratios), "round_ratios": ratios}
+
+
 def closed_loop_round(engine: Any, device: str, images: list[str], n: int, clients: int, max_tokens: int,
                       turnaround_ms: float) -> dict:
     """:func:`scheduler_closed_loop` on ``n`` requests, right after the standalone engine on the
@@ -534,6 +576,11 @@ def main() -> None:
     ap.add_argument("--long-requests", type=int, default=16, help="long answers of the short-during-long measure")
     ap.add_argument("--long-tokens", type=int, default=256, help="max_tokens of the long answers")
     ap.add_argument("--short-tokens", type=int, default=4, help="max_tokens of the short request")
+    ap.add_argument("--api-processes", type=int, default=2,
+                    help="API processes of the API-bound measure, against 1 (1 = skip it)")
+    ap.add_argument("--api-image-size", type=int, default=1024, help="image side of the API-bound measure")
+    ap.add_argument("--api-requests", type=int, default=256, help="requests per round of the API-bound measure")
+    ap.add_argument("--api-rounds", type=int, default=3, help="alternating rounds of the API-bound measure")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args()
 
@@ -610,6 +657,17 @@ def main() -> None:
                   f"{cl['standalone_req_per_s']:.2f} measured right before), "
                   f"{cl['prefills_per_request']:.2f} prefills and {cl['steps_per_request']:.2f} steps per request",
                   flush=True)
+        if args.api_processes > 1:
+            del engine  # its threads and memory stay out of the servers' way
+            api = api_processes_measure(ckpt, args.device, Path(tmp), args.api_processes, top,
+                                        max(top, args.api_requests), args.api_rounds, args.api_image_size,
+                                        args.cpu_threads if args.device == "cpu" else None)
+            extra["api_processes"] = api
+            print(f"  API-bound load ({args.api_image_size}-px PNGs, {api['max_tokens']}-token answers, {top} clients): "
+                  f"--api-processes 1 {', '.join(f'{r:.1f}' for r in api['one_req_per_s'])} req/s "
+                  f"(mean read+check {api['one_mean_ingest_ms']:.0f} ms); --api-processes {args.api_processes} "
+                  f"{', '.join(f'{r:.1f}' for r in api['many_req_per_s'])} req/s "
+                  f"(mean read+check {api['many_mean_ingest_ms']:.0f} ms)", flush=True)
 
     print()
     header = f"{'config':12s} {'clients':>7s} {'requests':>8s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} {'malformed 4xx':>13s} {'errors':>6s}"
@@ -630,6 +688,12 @@ def main() -> None:
           f"{extra['server_over_engine_best']:.2f}; target >= 0.8)")
     print(f"short request ({args.short_tokens} tokens) latency / long batch duration: {sdl['ratio']:.3f} "
           f"(target <= 0.25)")
+    if "api_processes" in extra:
+        api = extra["api_processes"]
+        errors += api["errors"]
+        print(f"API-bound load: --api-processes {api['processes']} / --api-processes 1: {api['ratio']:.2f}x "
+              f"requests/s (median of {api['rounds']} alternating rounds; {os.cpu_count()} CPUs; "
+              f"errors {api['errors']})")
     if args.json:
         print(json.dumps({"size": args.size, "device": args.device, "max_tokens": max_tokens,
                           "parameters": built["parameters"], "runs": runs, "ratio_at_max_clients": ratio,
