@@ -78,7 +78,7 @@ def _settings(smoke: bool) -> dict:
     """Sizes of every part (GPU run or CPU smoke run)."""
     if smoke:
         return {"device": "cpu", "size": "tiny", "clients": [1, 8], "requests": 16, "max_tokens": 8,
-                "ratio_requests": 16, "ratio_rounds": 2, "long_requests": 4, "long_tokens": 48, "short_tokens": 4,
+                "ratio_requests": 16, "ratio_rounds": 1, "long_requests": 4, "long_tokens": 48, "short_tokens": 4,
                 "eval_args": ["--device", "cpu", "--size", "tiny", "--questions", "16", "--batch-size", "16",
                               "--max-new-tokens", "8", "--threads", "1"],
                 "train_steps": 2, "train_batch": 2, "api_processes": 2}

@@ -146,6 +146,15 @@ def _serve(d: dict) -> str:
                 f"{sdl['long_requests']} answers of up to {sdl['long_max_tokens']} tokens: its latency "
                 f"{sdl['short_latency_s'] * 1000:,.0f} ms ÷ the batch's {_f(sdl['long_batch_s'])} s = "
                 f"**{sdl['ratio']:.3f}** (target ≤ 0.25: {_met(sdl['ratio'], 0.25, higher=False)}).")
+    if "api_processes" in d:
+        api = d["api_processes"]
+        out += (f"\n\nAPI-bound load ({api['image_side']}-px PNGs of noise, {api['max_tokens']}-token answers, "
+                f"{api['clients']} clients, {api['rounds']} alternating rounds of {api['requests_per_round']} "
+                f"requests): `--api-processes {api['processes']}` ÷ `--api-processes 1` = **{_f(api['ratio'])}×** "
+                f"requests/s (median of {', '.join(_f(x) for x in api['round_ratios'])}; "
+                f"{', '.join(_f(x, 1) for x in api['many_req_per_s'])} vs "
+                f"{', '.join(_f(x, 1) for x in api['one_req_per_s'])} req/s; mean read-and-prepare time "
+                f"{api['many_mean_ingest_ms']:,.0f} vs {api['one_mean_ingest_ms']:,.0f} ms; {api['errors']} errors).")
     return out + gap
 
 
@@ -227,7 +236,10 @@ BENCHES: list[Bench] = [
           "2-core machine the clients, the API process (~2.5 ms of CPU per request) and the engine "
           "process (~5.5 ms) share the two cores, and in a closed loop each row waits empty while its "
           "client reads the answer and sends the next request; the standalone engine keeps all rows "
-          "busy on one core of its own. The GPU suite measures the same ratio where the GPU decodes.",
+          "busy on one core of its own. The GPU suite measures the same ratio where the GPU decodes. "
+          "Last, two more servers (`--api-processes 1` and `2`) take a load where the API process is the "
+          "limit (large images, 2-token answers); on 2 cores the second process has at most one more "
+          "core to use, shared with the clients and the engine.",
           _serve),
     Bench("eval_throughput", "Evaluation throughput (`eval vqa`)",
           ["benchmarks/eval_throughput.py", "--threads", "1", "--json"],

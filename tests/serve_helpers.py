@@ -105,13 +105,13 @@ class CliServer:
 
 
 def start_cli_server(args: list[str], log_path: Path, env: dict | None = None,
-                     wait: bool = True, timeout: float = 120.0) -> CliServer:
+                     wait: bool = True, timeout: float = 120.0, new_session: bool = False) -> CliServer:
     """Start ``llavamed serve --port 0 ARGS`` and return once its URL is known (and, with
-    ``wait``, once ``/health`` answers 200)."""
+    ``wait``, once ``/health`` answers 200); ``new_session``: in a process group of its own."""
     full_env = dict(os.environ, **(env or {}))
     err = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "llavamed_cli.main", "serve", "--port", "0", *args],
-                            stdout=subprocess.DEVNULL, stderr=err, env=full_env)
+                            stdout=subprocess.DEVNULL, stderr=err, env=full_env, start_new_session=new_session)
     err.close()
     deadline = time.monotonic() + timeout
     url = None

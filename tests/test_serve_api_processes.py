@@ -184,3 +184,21 @@ def test_killing_the_first_api_process_ends_the_others_and_the_engine(tiny_ckpt,
     assert _gone([h["api_pid"], h["engine_pid"]]) == [], "an API process or the engine outlived the first one"
     with pytest.raises(httpx.TransportError):  # nobody holds the port any more
         httpx.get(srv.url + "/health", timeout=2)
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_the_server_cleanly(tiny_ckpt, tmp_path):
+    """systemd (and ``timeout``) send SIGTERM to every process of the group: the engine process
+    leaves its stopping to the API process, so no "engine process stopped" error is logged, and the
+    server exits through the interpreter's own exit (143), leaking no semaphore."""
+    srv = start_cli_server(["--model", str(tiny_ckpt), "--api-processes", "2"], tmp_path / "log.txt",
+                           new_session=True)
+    try:
+        engine = httpx.get(srv.url + "/health").json()["engine_pid"]
+        os.killpg(srv.proc.pid, signal.SIGTERM)
+        srv.proc.wait(30)
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert srv.proc.returncode == 143, log
+    assert "ERROR" not in log and "engine process stopped" not in log and "leaked" not in log, log
+    assert _gone([engine]) == []

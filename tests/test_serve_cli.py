@@ -42,6 +42,11 @@ def test_bad_settings(cli, tiny_ckpt):
     assert res.exit_code == 1 and "--join-wait-ms must not be negative" in res.stderr
     res = cli("serve", "--model", tiny_ckpt, "--inline-prep-pixels", "-1")
     assert res.exit_code == 1 and "--inline-prep-pixels must not be negative" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--api-processes", "0")
+    assert res.exit_code == 1 and "--api-processes must be at least 1" in res.stderr
+    res = cli("serve", "--model", tiny_ckpt, "--api-processes", "2", "--engine", "vllm")
+    assert res.exit_code == 1 and "--api-processes above 1 needs --engine native" in res.stderr
+    assert "--api-server-count" in res.stderr  # the hint: vLLM's own
 
 
 def test_a_checkpoint_that_fails_to_load_stops_the_server(tiny_ckpt_copy, tmp_path):

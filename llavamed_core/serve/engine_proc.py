@@ -569,6 +569,14 @@ def _engine_main(config: ServeConfig, down: Any, ups: list, death: Any = None) -
             logging.getLogger("llavamed.serve").exception("the engine process could not read a message")
             os._exit(1)
 
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # A SIGTERM to the whole process group (systemd's default, `timeout`) reaches this process
+        # too: the API process, which holds the requests in flight, closes it once they finish.
+        if parent is not None and parent.is_alive():
+            return
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)  # (while loading, the default: nothing to finish)
     ready = {"processor": engine.processor, "context_length": engine.context_length,
              "stop_strings": list(engine.stop_strings), "pid": os.getpid()}
     for up in ups:

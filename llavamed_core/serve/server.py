@@ -197,11 +197,20 @@ class Server:
             more = f", {self.config.api_processes} API processes" if self.config.api_processes > 1 else ""
             log.info("serving %s (%s engine%s) on %s; web chat at %s/ ; loading the model...",
                      self.config.model_name, self.config.engine, more, self.url, self.url)
+        import signal
+
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler
+        # it found: with the default one the process would die by the signal, skipping the
+        # interpreter's exit (multiprocessing's clean-up, hence "leaked semaphore" warnings).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
         try:
             if self._shared is not None:
                 self._start_workers()
             self._uv.run(sockets=[self._sock])
         finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             self._sock.close()
             self._stop_workers()  # when uvicorn did not get to its shutdown (a failed start)
         if self.state.error is not None:
@@ -232,6 +241,8 @@ class Server:
         while not self._stopping:
             time.sleep(0.25)
             dead = [p for p in self._workers if not p.is_alive()]
+            if self._uv.should_exit:  # shutting down (a SIGTERM to the process group stops them all)
+                return
             if not dead or self._stopping or self.state.error is not None or not self.state.backend.ready:
                 continue
             proc = dead[0]
@@ -253,6 +264,10 @@ class Server:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _api_process_main(config: ServeConfig, sock: socket.socket, link: Any, log_level: str) -> None:
