@@ -113,7 +113,7 @@ def test_a_crash_and_a_hang_are_recorded_and_the_rest_runs(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                GPU_SUITE_FAULT="eval:crash,train:packing:hang")
     proc = subprocess.run([sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path), "--only",
-                           "eval,train:qlora,train:packing,train:lora", "--budget-s", "19"], cwd=ROOT, env=env,
+                           "eval,train:qlora,train:packing,train:lora", "--budget-s", "21"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     parts = json.loads((tmp_path / "results.json").read_text())["parts"]

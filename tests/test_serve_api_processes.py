@@ -41,6 +41,20 @@ def _gone(pids: list[int], timeout: float = 20.0) -> list[int]:
     return left
 
 
+def _health_of_each(url: str, count: int, timeout: float = 90.0) -> dict[int, dict]:
+    """``/health`` of each of ``count`` API processes once it answers ``ok`` (new connections
+    until every process has been reached)."""
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        h = httpx.get(url + "/health", headers={"Connection": "close"}, timeout=10).json()
+        if h["status"] == "ok":  # (another may finish its start a moment after the first)
+            seen[h["api_process"]] = h
+        else:
+            time.sleep(0.05)
+    return seen
+
+
 def _alone(engine, body: dict) -> tuple:
     from llavamed_core.infer import ChatRequest, GenerationParams
 
@@ -124,13 +138,7 @@ def test_three_api_processes_answer_as_one_and_the_death_of_one_stops_them_all(t
                            tmp_path / "log.txt")
     try:
         # Each new connection goes to one of the processes; each answers, over one engine.
-        seen: dict[int, dict] = {}
-        for _ in range(400):
-            h = httpx.get(srv.url + "/health", headers={"Connection": "close"}).json()
-            if h["status"] == "ok":  # (the second may finish its start a moment after the first)
-                seen[h["api_process"]] = h
-            if len(seen) == 3:
-                break
+        seen = _health_of_each(srv.url, 3)
         assert set(seen) == {0, 1, 2}, seen
         assert len({h["engine_pid"] for h in seen.values()}) == 1
         assert len({h["api_pid"] for h in seen.values()}) == 3 and seen[0]["api_processes"] == 3
@@ -171,11 +179,7 @@ def test_three_api_processes_answer_as_one_and_the_death_of_one_stops_them_all(t
 def test_killing_the_first_api_process_ends_the_others_and_the_engine(tiny_ckpt, tmp_path):
     srv = start_cli_server(["--model", str(tiny_ckpt), "--api-processes", "2"], tmp_path / "log.txt")
     try:
-        h = {}
-        for _ in range(400):
-            h = httpx.get(srv.url + "/health", headers={"Connection": "close"}).json()
-            if h.get("api_process") == 1:
-                break
+        h = _health_of_each(srv.url, 2).get(1, {})
         assert h.get("api_process") == 1
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(10)
@@ -193,12 +197,25 @@ def test_a_sigterm_to_the_whole_process_group_stops_the_server_cleanly(tiny_ckpt
     srv = start_cli_server(["--model", str(tiny_ckpt), "--api-processes", "2"], tmp_path / "log.txt",
                            new_session=True)
     try:
-        engine = httpx.get(srv.url + "/health").json()["engine_pid"]
+        health = _health_of_each(srv.url, 2)
+        engine, worker = health[0]["engine_pid"], health[1]["api_pid"]
         os.killpg(srv.proc.pid, signal.SIGTERM)
         srv.proc.wait(30)
     finally:
         srv.stop()
+    assert _gone([engine, worker]) == []
+    time.sleep(1.0)  # the resource tracker reports leaks once the last of them has gone
     log = srv.log()
     assert srv.proc.returncode == 143, log
     assert "ERROR" not in log and "engine process stopped" not in log and "leaked" not in log, log
-    assert _gone([engine]) == []
+
+
+def test_the_engines_full_queue_reaches_an_api_process_as_429():
+    """With several API processes the engine's queue may fill before any one process's own bound:
+    its refusal crosses the process boundary as QueueFull and is answered 429, not 500."""
+    from llavamed_core.serve.engine_proc import _describe, _rebuild
+    from llavamed_core.serve.native import map_engine_error
+    from llavamed_core.serve.scheduler import QueueFull
+
+    err = map_engine_error(_rebuild(_describe(QueueFull())))
+    assert (err.status, err.code, err.headers.get("Retry-After")) == (429, "queue_full", "1")

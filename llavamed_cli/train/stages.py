@@ -129,7 +129,9 @@ def _launch_or_train(ctx: typer.Context, stage: str) -> Any:
     _check_paths(cfg)  # before torch is imported: a wrong path fails at once
     from llavamed_core.train.run import find_resume_checkpoint
 
-    find_resume_checkpoint(cfg)  # so does a run that would mix with an earlier one, or a bad --resume
+    # So does a run that would mix with an earlier one, or a bad --resume (its files' contents are
+    # read through once, by the training itself).
+    find_resume_checkpoint(cfg, verify_data=False)
     from llavamed_core.launch import launch_training, resolve_spec
 
     # Flags first, then Slurm's variables (under srun), else one node.

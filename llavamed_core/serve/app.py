@@ -84,7 +84,7 @@ class ServerState:
         try:
             self.backend.start()
         except SchedulerClosed:  # the server is stopping while the model loads: nothing failed
-            log.info("loading stopped: the server is shutting down")
+            (log.debug if self.quiet else log.info)("loading stopped: the server is shutting down")
             return
         except LlavamedError as exc:
             self.error = exc
@@ -94,7 +94,7 @@ class ServerState:
                                     f"{str(exc).splitlines()[0] if str(exc) else ''})",
                                     "rerun with LLAVAMED_DEBUG=1 for the traceback")
         if self.error is not None:
-            log.error("loading failed: %s", self.error.message)
+            (log.debug if self.quiet else log.error)("loading failed: %s", self.error.message)
             if self.on_fatal is not None:
                 self.on_fatal()
             return

@@ -201,8 +201,17 @@ class EngineProcess:
             self._proc.start()
             if death is not None:
                 death.close()  # the engine process holds the only write end: EOF when it ends
+            # Once loaded it leaves SIGTERM to this process; if this process exits without
+            # closing it (an error), kill it before multiprocessing's exit waits for it.
+            from multiprocessing.util import Finalize
+
+            Finalize(self, _kill_if_alive, args=(self._proc,), exitpriority=10)
         while True:
             if self._closing:  # the server stops while the model loads (close() ended the process)
+                if self._proc is not None and self._proc.is_alive():  # (or came before it started)
+                    self._proc.terminate()  # still loading: the default SIGTERM ends it
+                    self._proc.join(5)
+                _kill_if_alive(self._proc)
                 raise SchedulerClosed()
             try:
                 msg = self._up.get(timeout=_POLL_S)
@@ -210,6 +219,10 @@ class EngineProcess:
                 if self._closing:
                     raise SchedulerClosed() from None
                 if not self._engine_alive():
+                    import signal
+
+                    if self._proc is not None and self._proc.exitcode == -signal.SIGTERM:
+                        raise SchedulerClosed() from None  # a SIGTERM to the process group: stopping
                     code = f" with code {self._proc.exitcode}" if self._proc is not None else ""
                     raise ModelError(f"the engine process exited{code} while loading {self.config.model}",
                                      "rerun with LLAVAMED_DEBUG=1 for its traceback") from None
@@ -394,6 +407,12 @@ class EngineProcess:
             _call(job, "error", exc)
 
 
+def _kill_if_alive(proc: Any) -> None:
+    if proc is not None and proc.is_alive():
+        proc.kill()
+        proc.join(5)
+
+
 def _call(job: Job, kind: str, payload: Any) -> None:
     try:
         job.sink(kind, payload)
@@ -435,8 +454,8 @@ def _describe(exc: BaseException) -> dict:
     """An exception as plain data (custom exceptions need not pickle)."""
     if isinstance(exc, LlavamedError):
         return {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint, "ours": True}
-    if isinstance(exc, SchedulerClosed):
-        return {"type": "SchedulerClosed", "message": "", "hint": None, "ours": False}
+    if isinstance(exc, (SchedulerClosed, QueueFull)):  # QueueFull: the engine's queue, several API processes
+        return {"type": type(exc).__name__, "message": "", "hint": None, "ours": False}
     return {"type": type(exc).__name__, "message": str(exc), "hint": None, "ours": False}
 
 
@@ -451,6 +470,8 @@ def _rebuild(info: dict) -> Exception:
         return ModelError(info["message"], info["hint"])
     if info["type"] == "SchedulerClosed":
         return SchedulerClosed()
+    if info["type"] == "QueueFull":
+        return QueueFull()
     return RuntimeError(f"{info['type']}: {info['message']}")
 
 

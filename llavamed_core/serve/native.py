@@ -42,11 +42,19 @@ def map_engine_error(exc: BaseException) -> APIError:
         return APIError(503, "the server is shutting down", "server_error", None, "shutting_down")
     if isinstance(exc, EngineDied):
         return APIError(503, str(exc), "server_error", None, "engine_died")
+    if isinstance(exc, QueueFull):  # the engine's own queue (several API processes share it)
+        return _queue_full()
     if isinstance(exc, LlavamedError):
         # ConfigError/DataError from the engine: the request cannot be rendered or does not fit.
         return APIError(400, exc.message, "invalid_request_error", "messages", "invalid_request")
     return APIError(500, "internal error while generating; see the server log", "server_error",
                     None, "internal_error")
+
+
+def _queue_full(queued: int | None = None) -> APIError:
+    many = f" ({queued} requests queued)" if queued is not None else ""
+    return APIError(429, f"the server is busy{many}; retry shortly", "rate_limit_error", None,
+                    "queue_full", headers={"Retry-After": "1"})
 
 
 def _without_images(messages: list[dict]) -> list[dict]:
@@ -211,9 +219,7 @@ class NativeBackend(Backend):
         try:
             return self.scheduler.submit(chat.engine_request, sink, stream=stream)
         except QueueFull:
-            raise APIError(429, f"the server is busy ({self.scheduler.max_queue} requests queued); "
-                                f"retry shortly", "rate_limit_error", None, "queue_full",
-                           headers={"Retry-After": "1"}) from None
+            raise _queue_full(self.scheduler.max_queue) from None
         except (SchedulerClosed, EngineDied) as exc:
             raise map_engine_error(exc) from None
 

@@ -241,7 +241,10 @@ class Server:
         while not self._stopping:
             time.sleep(0.25)
             dead = [p for p in self._workers if not p.is_alive()]
-            if self._uv.should_exit:  # shutting down (a SIGTERM to the process group stops them all)
+            if self._uv.should_exit:  # shutting down: the others stop taking connections now too
+                for proc in self._workers:
+                    if proc.is_alive():
+                        proc.terminate()
                 return
             if not dead or self._stopping or self.state.error is not None or not self.state.backend.ready:
                 continue
@@ -255,12 +258,15 @@ class Server:
     def _stop_workers(self) -> None:
         """Stop the other API processes (before the engine process closes): SIGTERM lets each
         finish its requests, as this one does."""
+        import time
+
         self._stopping = True
         for proc in self._workers:
             if proc.is_alive():
                 proc.terminate()
+        deadline = time.monotonic() + 15
         for proc in self._workers:
-            proc.join(15)
+            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
@@ -275,9 +281,13 @@ def _api_process_main(config: ServeConfig, sock: socket.socket, link: Any, log_l
     until the first API process is gone."""
     import multiprocessing as mp
     import os
+    import signal
     import sys
     import time
 
+    # Ctrl-C reaches the whole process group: the first API process stops this one (SIGTERM),
+    # after which uvicorn would raise the SIGINT again here as a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging()
     try:
         server = Server(config, log_level=log_level, sock=sock, link=link)

@@ -166,8 +166,10 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to continue from (see :attr:`TrainConfig.resume`).
+def find_resume_checkpoint(cfg: TrainConfig, verify_data: bool | None = None) -> Path | None:
+    """The checkpoint to continue from (see :attr:`TrainConfig.resume`); ``verify_data`` (default:
+    on the main process) also reads every file of it through (CRC), which takes long for a large
+    optimizer state: the CLI's early check before any launch leaves that to the training itself.
 
     Raises:
         ConfigError: a fresh start would mix with an earlier run's checkpoints, or ``--resume DIR``
@@ -193,7 +195,8 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path | None:
         from .resume import check_resume_checkpoint
 
         check_resume_checkpoint(path, lora=cfg.lora or cfg.qlora, deepspeed=cfg.deepspeed is not None,
-                                fsdp=cfg.fsdp, verify_data=world_info().is_main)
+                                fsdp=cfg.fsdp,
+                                verify_data=world_info().is_main if verify_data is None else verify_data)
     return path
 
 
