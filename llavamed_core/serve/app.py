@@ -76,7 +76,8 @@ class ServerState:
         self.before_close: list[Callable[[], None]] = []
         """Called (in a thread) when the server stops, before the backend closes."""
         self.quiet = False
-        """Log the end of loading at debug level (an API process other than the first)."""
+        """Log the outcome of loading at debug level (an API process other than the first: the
+        first one says it)."""
 
     def load(self) -> None:
         """Load the backend (runs in a background thread); on failure record it and stop."""
@@ -84,7 +85,7 @@ class ServerState:
         try:
             self.backend.start()
         except SchedulerClosed:  # the server is stopping while the model loads: nothing failed
-            (log.debug if self.quiet else log.info)("loading stopped: the server is shutting down")
+            self._log(logging.INFO, "loading stopped: the server is shutting down")
             return
         except LlavamedError as exc:
             self.error = exc
@@ -94,13 +95,16 @@ class ServerState:
                                     f"{str(exc).splitlines()[0] if str(exc) else ''})",
                                     "rerun with LLAVAMED_DEBUG=1 for the traceback")
         if self.error is not None:
-            (log.debug if self.quiet else log.error)("loading failed: %s", self.error.message)
+            self._log(logging.ERROR, "loading failed: %s", self.error.message)
             if self.on_fatal is not None:
                 self.on_fatal()
             return
         self.load_seconds = time.monotonic() - t0
-        (log.debug if self.quiet else log.info)("model %s loaded in %.1f s (%s engine); ready", self.config.model_name,
-                 self.load_seconds, self.backend.name)
+        self._log(logging.INFO, "model %s loaded in %.1f s (%s engine); ready", self.config.model_name,
+                  self.load_seconds, self.backend.name)
+
+    def _log(self, level: int, msg: str, *args: Any) -> None:
+        log.log(logging.DEBUG if self.quiet else level, msg, *args)
 
 
 def _make_backend(config: ServeConfig, engine_loader: Callable[[], Any] | None, link: Any) -> Backend:

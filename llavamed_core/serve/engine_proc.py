@@ -167,9 +167,9 @@ class EngineProcess:
     def _engine_alive(self) -> bool:
         """Whether the engine process runs (asked of the OS by its parent, of the death pipe by
         the attached API processes)."""
-        if self._proc is not None:
-            return self._proc.is_alive()
-        return self._link is not None and not self._link.death.poll()
+        if self._owner:
+            return self._proc is not None and self._proc.is_alive()
+        return not self._link.death.poll()
 
     @property
     def alive(self) -> bool:
@@ -217,7 +217,7 @@ class EngineProcess:
                 msg = self._up.get(timeout=_POLL_S)
             except queue.Empty:
                 if self._closing:
-                    raise SchedulerClosed() from None
+                    continue  # ended at the top of the loop
                 if not self._engine_alive():
                     import signal
 
@@ -304,7 +304,7 @@ class EngineProcess:
 
     # ------------------------------------------------------------------ internals
     def _cancel(self, job_id: int, stopped: bool = False) -> None:
-        if (self._proc is not None or self._link is not None) and self._engine_alive():
+        if self._engine_alive():
             self._down.put(("cancel", job_id, stopped))
 
     def _read(self) -> None:
