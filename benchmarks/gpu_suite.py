@@ -158,10 +158,6 @@ def serve_part(work: Path, result_path: Path, s: dict) -> None:
             if extra:  # its valid requests alone, as the server-over-engine measure counts them
                 measured = sl.server_measure(url, log_path, top, max(top, s["ratio_requests"] // s["ratio_rounds"]),
                                              images, s["max_tokens"])
-                # /health's engine counters are each process's copy as of its last answer: read
-                # from different processes, their differences mean nothing.
-                for key in ("steps_per_request", "prefills_per_request", "mean_rows_per_step"):
-                    measured.pop(key, None)
                 res["api_processes"] = {"processes": many, "server_at_max_clients": measured,
                                         "over_engine": measured["req_per_s"] / res["engine_standalone"]["mean_req_per_s"],
                                         "over_one_process": measured["req_per_s"]

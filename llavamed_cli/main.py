@@ -65,6 +65,9 @@ add_examples(app)  # one or two examples at the end of every command's --help
 
 def run() -> None:
     """Console-script entry point."""
+    from llavamed_core.quick_exit import freeze_objects_at_exit
+
+    freeze_objects_at_exit()
     app()
 
 

@@ -108,4 +108,12 @@ def serve_command(
     setup_logging()
     if key is None and host not in ("127.0.0.1", "localhost", "::1"):
         _console.warn(f"listening on {host} without --api-key: anyone who can reach it may use it")
-    run_server(config)
+    try:
+        run_server(config)
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: say so, not "Error: interrupted"
+        if os.environ.get("LLAVAMED_DEBUG", "") not in ("", "0", "false"):
+            raise
+        import logging
+
+        logging.getLogger("llavamed.serve").info("stopped (Ctrl-C)")
+        raise typer.Exit(130) from None

@@ -424,4 +424,7 @@ def _tidy_run_dir(run_dir: Path, config_file: Path, rank_logs: list[Path]) -> No
 
 
 if __name__ == "__main__":
+    from .quick_exit import freeze_objects_at_exit
+
+    freeze_objects_at_exit()
     sys.exit(main(sys.argv[1:]))

@@ -50,7 +50,8 @@ def _health_of_each(url: str, count: int, timeout: float = 90.0) -> dict[int, di
         h = httpx.get(url + "/health", headers={"Connection": "close"}, timeout=10).json()
         if h["status"] == "ok":  # (another may finish its start a moment after the first)
             seen[h["api_process"]] = h
-        else:
+        else:  # only the first answers while the engine loads: the others take connections once ready
+            assert h.get("api_process") == 0, h
             time.sleep(0.05)
     return seen
 
@@ -163,6 +164,18 @@ def test_three_api_processes_answer_as_one_and_the_death_of_one_stops_them_all(t
             if answered_by == {"0", "1", "2"}:
                 break
         assert answered_by == {"0", "1", "2"}
+
+        # The engine's counters in /health are current in every process, not only in the one
+        # that answered last (each learns when another's request finished).
+        deadline = time.monotonic() + 20
+        while True:
+            counters = {i: (h["requests"], h["steps"], h["batches"], h["cancelled"])
+                        for i, h in _health_of_each(srv.url, 3).items()}
+            if len(set(counters.values())) == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(counters) == 3 and len(set(counters.values())) == 1, counters
+        assert counters[0][0] >= len(bodies), counters
 
         # An API process dies: the server stops with one error line, taking the other API
         # process and the engine with it.

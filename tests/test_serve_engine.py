@@ -495,3 +495,35 @@ def test_a_message_the_engine_process_cannot_read_ends_it_and_requests_fail_inst
         assert got == ["died"]
     finally:
         proc.close(timeout=5)
+
+
+def test_closing_the_engine_process_lets_running_answers_finish_whole(tiny_ckpt, tiny_engine):
+    """close() while answers are being generated: each arrives whole (equal to the engine's answer
+    alone, its streamed deltas adding up to it) before the engine process leaves, with status 0.
+    (The engine process ends with ``os._exit`` once its outboxes are sent: nothing may be lost.)"""
+    import time
+
+    from llavamed_core.serve.config import ServeConfig
+    from llavamed_core.serve.engine_proc import EngineProcess
+
+    wanted = [tiny_engine.generate([_request(i, max_new_tokens=40, image=i % 2 == 0)])[0].text for i in range(3)]
+    proc = EngineProcess(ServeConfig(model=tiny_ckpt, port=0, max_batch=4))
+    preparer = proc.start()
+    try:
+        got: dict[int, list] = {i: [] for i in range(3)}
+        for i in range(3):
+            req = _request(i, max_new_tokens=40, image=i % 2 == 0)
+            req.prepared = preparer.prepare(req)
+            proc.submit(req, lambda kind, payload, i=i: got[i].append((kind, payload)), stream=True)
+        deadline = time.monotonic() + 60
+        while not all(got.values()) and time.monotonic() < deadline:  # every row has begun
+            time.sleep(0.005)
+        assert all(got.values()) and not any(ev[-1][0] == "done" for ev in got.values())
+        proc.close(timeout=60)
+        for i, events in got.items():
+            assert events[-1][0] == "done", events[-1]
+            assert events[-1][1].text == wanted[i]
+            assert "".join(p for k, p in events if k == "delta") == wanted[i]
+        assert proc._proc.exitcode == 0
+    finally:
+        proc.close(timeout=5)

@@ -876,4 +876,7 @@ def _worker_main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
+    from ..quick_exit import freeze_objects_at_exit
+
+    freeze_objects_at_exit()
     sys.exit(_worker_main(sys.argv[1]))

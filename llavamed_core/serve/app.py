@@ -78,6 +78,9 @@ class ServerState:
         self.quiet = False
         """Log the outcome of loading at debug level (an API process other than the first: the
         first one says it)."""
+        self.load_on_start = True
+        """Load in the background once the app starts (``False``: loaded before it starts, by an
+        API process other than the first, which takes connections only once it can answer them)."""
 
     def load(self) -> None:
         """Load the backend (runs in a background thread); on failure record it and stop."""
@@ -136,7 +139,8 @@ def create_app(config: ServeConfig, engine_loader: Callable[[], Any] | None = No
     async def lifespan(_app: Any):
         state.http = httpx.AsyncClient(timeout=httpx.Timeout(config.remote_images.timeout_s))
         state.prep = ThreadPoolExecutor(config.prep_workers, thread_name_prefix="llavamed-prep")
-        threading.Thread(target=state.load, name="llavamed-load", daemon=True).start()
+        if state.load_on_start:
+            threading.Thread(target=state.load, name="llavamed-load", daemon=True).start()
         try:
             yield
         finally:

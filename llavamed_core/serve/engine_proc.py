@@ -193,6 +193,10 @@ class EngineProcess:
         """
         from ..infer.engine import Preparer
 
+        # The "ready" message carries the engine's processor: unpickling it imports torch and
+        # transformers (~5 s on a small CPU). Import them now, on another core, while the engine
+        # process loads, instead of after it (this halves the start-up of a small model).
+        threading.Thread(target=_import_for_processor, name="llavamed-import", daemon=True).start()
         if self._owner:
             link = self._link
             ups, death = ([self._up], None) if link is None else (link.ups, link.death)
@@ -328,7 +332,9 @@ class EngineProcess:
                 self._handle(event)
 
     def _handle(self, msg: tuple) -> None:
-        """Deliver one ``delta``/``done``/``error`` event to its job, detokenising its ids."""
+        """Deliver one ``delta``/``done``/``error`` event to its job, detokenising its ids (a
+        ``stats`` event, sent to every API process when another's job finished, only brings the
+        engine's counters up to date)."""
         kind = msg[0]
         job = self._jobs.get(msg[1])
         if kind == "delta":
@@ -405,6 +411,18 @@ class EngineProcess:
             jobs, self._jobs = list(self._jobs.values()), {}
         for job in jobs:
             _call(job, "error", exc)
+
+
+def _import_for_processor() -> None:
+    """Import the modules a pickled processor needs (a head start only: unpickling imports
+    whatever is still missing, and reports any real failure)."""
+    try:
+        import transformers.image_processing_utils  # noqa: F401
+        import transformers.models.llava.processing_llava  # noqa: F401
+        import transformers.processing_utils  # noqa: F401
+        import transformers.tokenization_utils_base  # noqa: F401
+    except Exception:  # noqa: BLE001
+        logging.getLogger("llavamed.serve").debug("early import failed", exc_info=True)
 
 
 def _kill_if_alive(proc: Any) -> None:
@@ -518,8 +536,16 @@ def _engine_main(config: ServeConfig, down: Any, ups: list, death: Any = None) -
                 ups[0].put(("events", outbox[:]))
             else:  # each API process gets its own jobs' events
                 mine: dict[int, list] = {}
+                last = None  # the counters after this round's last finished job
                 for event in outbox:
                     mine.setdefault(event[1] % n_up, []).append(event)
+                    if event[0] != "delta":
+                        last = event[3]
+                if last is not None:  # ... reach every process, so each one's /health is current
+                    for i in range(n_up):
+                        events = mine.setdefault(i, [])
+                        if not (events and events[-1][0] != "delta" and events[-1][3] is last):
+                            events.append(("stats", None, None, last))  # (no job: counters only)
                 for i, events in mine.items():
                     ups[i].put(("events", events))
             outbox.clear()
@@ -607,3 +633,10 @@ def _engine_main(config: ServeConfig, down: Any, ups: list, death: Any = None) -
     flush()
     for up in ups:
         up.put(("closed",))
+    # Done: once the queues' feeder threads have sent everything, leave without the interpreter's
+    # teardown of torch and transformers (~1.4 s on a small CPU), which the server's stop waits for.
+    for up in ups:
+        up.close()
+        up.join_thread()
+    logging.shutdown()
+    os._exit(0)

@@ -93,6 +93,11 @@ class NativeBackend(Backend):
         return self.scheduler is not None and self.scheduler.alive
 
     @property
+    def api_process(self) -> int | None:
+        """Which of several API processes this is (``None``: the only one)."""
+        return self._link.index if self._link is not None else None
+
+    @property
     def failure(self) -> str | None:
         """Why the loaded engine stopped answering (its process died), else ``None``."""
         return self.scheduler.failure if self.scheduler is not None else None

@@ -64,6 +64,8 @@ def api_router(state: Any) -> APIRouter:
             body.update(status="failed", error=state.error.message if state.error else state.backend.failure)
         else:
             body.update(status="loading")
+        if getattr(state.backend, "api_process", None) is not None:  # which of several answered
+            body["api_process"] = state.backend.api_process
         return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
     @router.get("/v1/models")

@@ -207,6 +207,16 @@ class Server:
         try:
             if self._shared is not None:
                 self._start_workers()
+            if self.index > 0:
+                # Another API process: the first answers /health ("loading") while the engine
+                # loads. This one takes connections from the shared socket only once it can answer
+                # them, or a client reached it first would get a 503 from a server that is ready.
+                self.state.load_on_start = False
+                self.state.load()
+                if self.state.load_seconds is None:  # failed (the first process reports it), or
+                    if self.state.error is not None:  # the server stopped while the model loaded
+                        raise self.state.error
+                    return
             self._uv.run(sockets=[self._sock])
         finally:
             if main:
@@ -289,6 +299,9 @@ def _api_process_main(config: ServeConfig, sock: socket.socket, link: Any, log_l
     # after which uvicorn would raise the SIGINT again here as a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging()
+    from ..quick_exit import freeze_objects_at_exit
+
+    freeze_objects_at_exit()
     try:
         server = Server(config, log_level=log_level, sock=sock, link=link)
     except LlavamedError as exc:

@@ -128,4 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ..quick_exit import freeze_objects_at_exit
+
+    freeze_objects_at_exit()
     sys.exit(main())
