@@ -155,6 +155,11 @@ def _serve(d: dict) -> str:
                 f"{', '.join(_f(x, 1) for x in api['many_req_per_s'])} vs "
                 f"{', '.join(_f(x, 1) for x in api['one_req_per_s'])} req/s; mean read-and-prepare time "
                 f"{api['many_mean_ingest_ms']:,.0f} vs {api['one_mean_ingest_ms']:,.0f} ms; {api['errors']} errors).")
+    if "start_stop" in d:
+        ss = d["start_stop"]
+        out += ("\n\nStart and stop as a user meets them (the command to the first healthy `/health`; SIGTERM "
+                "to exit): " + "; ".join(f"{s['config']} {s['ready_s']:.1f} s and {s['stop_s']:.2f} s" for s in ss)
+                + ".")
     return out + gap
 
 

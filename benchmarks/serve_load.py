@@ -118,9 +118,11 @@ def malformed_bodies() -> list[tuple[str, bytes]]:
 
 def start_server(ckpt: Path, max_batch: int, device: str, log_path: Path, extra: list[str],
                  cpu_threads: int | None) -> tuple[subprocess.Popen, str]:
-    """Start ``llavamed serve`` on a free port; return the process and its URL once healthy."""
+    """Start ``llavamed serve`` on a free port; return the process and its URL once healthy
+    (``proc.ready_s``: seconds from the command to the first healthy answer)."""
     import httpx
 
+    t0 = time.monotonic()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if cpu_threads:
         env["OMP_NUM_THREADS"] = str(cpu_threads)
@@ -147,6 +149,7 @@ def start_server(ckpt: Path, max_batch: int, device: str, log_path: Path, extra:
             except httpx.TransportError:
                 healthy = False  # still starting
             if healthy:
+                proc.ready_s = time.monotonic() - t0  # type: ignore[attr-defined]
                 return proc, url
         time.sleep(0.2)
 
@@ -191,14 +194,16 @@ def health_counters(url: str) -> dict:
     return {k: int(body.get(k, 0)) for k in ("requests", "steps", "batches")}
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop a server started by :func:`start_server`."""
+def stop_server(proc: subprocess.Popen) -> float:
+    """Stop a server started by :func:`start_server` (SIGTERM); return the seconds until it exited."""
+    t0 = time.monotonic()
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    return time.monotonic() - t0
 
 
 class LeanClient:
@@ -646,7 +651,12 @@ def main() -> None:
                           f"{sdl['short_completion_tokens']} tokens while {args.long_requests} answers "
                           f"of up to {args.long_tokens} tokens took {sdl['long_batch_s']:.2f} s", flush=True)
             finally:
-                stop_server(proc)
+                stop_s = stop_server(proc)
+            # A server's start (command to the first healthy answer; the model loads in the
+            # engine process) and stop (SIGTERM to exit), as a user meets them.
+            extra.setdefault("start_stop", []).append({"config": label, "ready_s": proc.ready_s, "stop_s": stop_s})
+            print(f"  {label}: healthy {proc.ready_s:.1f} s after the command; exited {stop_s:.2f} s after SIGTERM",
+                  flush=True)
         turnaround = extra["server_at_max_clients"]["turnaround_ms"]
         eng = extra["engine_standalone"]
         eng["closed_loop"] = closed_loops(engine, args.device, images, max(top, ratio_requests // args.ratio_rounds),
