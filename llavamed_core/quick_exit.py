@@ -26,5 +26,7 @@ def freeze_objects_at_exit() -> None:
     """
     global _registered
     if not _registered:
-        atexit.register(gc.freeze)  # first registered, last run: after multiprocessing's clean-up
+        # (atexit runs last in, first out: handlers registered later, e.g. multiprocessing's in the
+        # command's own process, run before the freeze; the order does not matter to either.)
+        atexit.register(gc.freeze)
         _registered = True

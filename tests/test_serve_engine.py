@@ -511,9 +511,10 @@ def test_closing_the_engine_process_lets_running_answers_finish_whole(tiny_ckpt,
     preparer = proc.start()
     try:
         got: dict[int, list] = {i: [] for i in range(3)}
-        for i in range(3):
-            req = _request(i, max_new_tokens=40, image=i % 2 == 0)
+        reqs = [_request(i, max_new_tokens=40, image=i % 2 == 0) for i in range(3)]
+        for req in reqs:
             req.prepared = preparer.prepare(req)
+        for i, req in enumerate(reqs):  # together: one batch
             proc.submit(req, lambda kind, payload, i=i: got[i].append((kind, payload)), stream=True)
         deadline = time.monotonic() + 60
         while not all(got.values()) and time.monotonic() < deadline:  # every row has begun

@@ -8,7 +8,8 @@ HTTP event loop never competes with the decode loop for one interpreter lock.
 
 They talk through two ``multiprocessing`` queues: ``submit``/``cancel``/``close`` go down;
 ``ready``/``failed`` (once, after loading), then ``delta``/``done``/``error`` per job come up,
-each ``done``/``error`` with the scheduler's counters. The events of one round of the decode
+each ``done``/``error`` with the scheduler's counters (with several API processes, a ``stats``
+event brings the others the counters too), and ``closed`` last. The events of one round of the decode
 loop (a prefill and a step) travel as one message, and prepared tensors as numpy arrays pickled
 inline: per-event messages and torch's shared-memory tensors (a file descriptor handed over
 through a fresh authenticated socket each) cost more than the work of a small model's request.
@@ -193,10 +194,6 @@ class EngineProcess:
         """
         from ..infer.engine import Preparer
 
-        # The "ready" message carries the engine's processor: unpickling it imports torch and
-        # transformers (~5 s on a small CPU). Import them now, on another core, while the engine
-        # process loads, instead of after it (this halves the start-up of a small model).
-        threading.Thread(target=_import_for_processor, name="llavamed-import", daemon=True).start()
         if self._owner:
             link = self._link
             ups, death = ([self._up], None) if link is None else (link.ups, link.death)
@@ -210,6 +207,13 @@ class EngineProcess:
             from multiprocessing.util import Finalize
 
             Finalize(self, _kill_if_alive, args=(self._proc,), exitpriority=10)
+        # The "ready" message carries the engine's processor: unpickling it imports torch and
+        # transformers (~5 s on a small CPU). Import them now, on another core, while the engine
+        # process loads, instead of after it (this halves the start-up of a small model). The
+        # message is read only once this is done: two threads importing the same package can
+        # deadlock on its module locks.
+        importer = threading.Thread(target=_import_for_processor, name="llavamed-import", daemon=True)
+        importer.start()
         while True:
             if self._closing:  # the server stops while the model loads (close() ended the process)
                 if self._proc is not None and self._proc.is_alive():  # (or came before it started)
@@ -217,6 +221,9 @@ class EngineProcess:
                     self._proc.join(5)
                 _kill_if_alive(self._proc)
                 raise SchedulerClosed()
+            if importer.is_alive() and self._engine_alive():
+                importer.join(_POLL_S)
+                continue
             try:
                 msg = self._up.get(timeout=_POLL_S)
             except queue.Empty:
@@ -330,6 +337,8 @@ class EngineProcess:
                 return
             for event in msg[1] if msg[0] == "events" else (msg,):
                 self._handle(event)
+            if not self._owner and self._closing:  # (other processes' answers keep its outbox busy)
+                return
 
     def _handle(self, msg: tuple) -> None:
         """Deliver one ``delta``/``done``/``error`` event to its job, detokenising its ids (a
@@ -500,9 +509,11 @@ def _engine_main(config: ServeConfig, down: Any, ups: list, death: Any = None) -
     ``ups`` holds one outbox per API process (job ``j``'s events go to ``ups[j % len(ups)]``);
     ``death`` is the write end of the pipe the other API processes watch (held, never written).
     """
+    import contextlib
     import multiprocessing as mp
     import os
     import signal
+    import sys
 
     from ..infer.engine import Engine
     from .scheduler import BatchScheduler
@@ -628,15 +639,26 @@ def _engine_main(config: ServeConfig, down: Any, ups: list, death: Any = None) -
              "stop_strings": list(engine.stop_strings), "pid": os.getpid()}
     for up in ups:
         up.put(("ready", ready))
-    threading.Thread(target=receive_or_die, name="llavamed-engine-inbox", daemon=True).start()
-    sched.run()
+    inbox = threading.Thread(target=receive_or_die, name="llavamed-engine-inbox", daemon=True)
+    inbox.start()
+    sched.run()  # returns once told to close and the running rows are done
+    inbox.join(30)  # it hands the queued jobs their errors and sends them before it returns
     flush()
     for up in ups:
         up.put(("closed",))
     # Done: once the queues' feeder threads have sent everything, leave without the interpreter's
     # teardown of torch and transformers (~1.4 s on a small CPU), which the server's stop waits for.
-    for up in ups:
-        up.close()
-        up.join_thread()
+    # (Bounded: the outbox of an API process that died can fill, and its feeder then waits forever.)
+    def send_all() -> None:
+        for up in ups:
+            up.close()
+            up.join_thread()
+
+    sender = threading.Thread(target=send_all, name="llavamed-engine-send", daemon=True)
+    sender.start()
+    sender.join(5)
     logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
     os._exit(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -65,7 +66,7 @@ def api_router(state: Any) -> APIRouter:
         else:
             body.update(status="loading")
         if getattr(state.backend, "api_process", None) is not None:  # which of several answered
-            body["api_process"] = state.backend.api_process
+            body.update(api_process=state.backend.api_process, api_pid=os.getpid())
         return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
     @router.get("/v1/models")

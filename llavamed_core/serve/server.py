@@ -313,6 +313,8 @@ def _api_process_main(config: ServeConfig, sock: socket.socket, link: Any, log_l
         while parent is None or parent.is_alive():
             time.sleep(0.5)
         server.stop()  # the first API process was killed: stop too
+        if not server.state.backend.ready:  # still loading (before serving): end the load now
+            server.state.backend.close()
         time.sleep(10)
         os._exit(1)
 
