@@ -498,33 +498,42 @@ def test_a_message_the_engine_process_cannot_read_ends_it_and_requests_fail_inst
 
 
 def test_closing_the_engine_process_lets_running_answers_finish_whole(tiny_ckpt, tiny_engine):
-    """close() while answers are being generated: each arrives whole (equal to the engine's answer
-    alone, its streamed deltas adding up to it) before the engine process leaves, with status 0.
-    (The engine process ends with ``os._exit`` once its outboxes are sent: nothing may be lost.)"""
+    """close() while answers are being generated and more wait: each running one arrives whole
+    (equal to the engine's answer alone, its streamed deltas adding up to it), each waiting one
+    gets its error, and then the engine process leaves with status 0. (It ends with ``os._exit``
+    once its outboxes are sent: nothing may be lost, nothing may fail on the way out.)"""
     import time
 
     from llavamed_core.serve.config import ServeConfig
     from llavamed_core.serve.engine_proc import EngineProcess
+    from llavamed_core.serve.scheduler import SchedulerClosed
 
     wanted = [tiny_engine.generate([_request(i, max_new_tokens=40, image=i % 2 == 0)])[0].text for i in range(3)]
-    proc = EngineProcess(ServeConfig(model=tiny_ckpt, port=0, max_batch=4))
+    proc = EngineProcess(ServeConfig(model=tiny_ckpt, port=0, max_batch=3))
     preparer = proc.start()
     try:
-        got: dict[int, list] = {i: [] for i in range(3)}
-        reqs = [_request(i, max_new_tokens=40, image=i % 2 == 0) for i in range(3)]
+        got: dict[int, list] = {i: [] for i in range(3 + 40)}
+        reqs = [_request(i, max_new_tokens=40, image=i % 2 == 0) for i in range(3 + 40)]
         for req in reqs:
             req.prepared = preparer.prepare(req)
-        for i, req in enumerate(reqs):  # together: one batch
+        for i, req in enumerate(reqs[:3]):  # together: one batch, the engine's whole width
             proc.submit(req, lambda kind, payload, i=i: got[i].append((kind, payload)), stream=True)
         deadline = time.monotonic() + 60
-        while not all(got.values()) and time.monotonic() < deadline:  # every row has begun
+        while not all(got[i] for i in range(3)) and time.monotonic() < deadline:  # every row has begun
             time.sleep(0.005)
-        assert all(got.values()) and not any(ev[-1][0] == "done" for ev in got.values())
+        for i, req in enumerate(reqs[3:], 3):  # these wait for a free row
+            proc.submit(req, lambda kind, payload, i=i: got[i].append((kind, payload)))
+        assert all(got[i] for i in range(3)) and not any(got[i][-1][0] == "done" for i in range(3))
         proc.close(timeout=60)
-        for i, events in got.items():
+        for i in range(3):
+            events = got[i]
             assert events[-1][0] == "done", events[-1]
             assert events[-1][1].text == wanted[i]
             assert "".join(p for k, p in events if k == "delta") == wanted[i]
+        waited = [got[i] for i in range(3, 43)]
+        assert all(len(ev) == 1 and ev[0][0] in ("done", "error") for ev in waited), waited
+        assert any(ev[0][0] == "error" for ev in waited)  # (a few may have finished before the close)
+        assert all(isinstance(ev[0][1], SchedulerClosed) for ev in waited if ev[0][0] == "error")
         assert proc._proc.exitcode == 0
     finally:
         proc.close(timeout=5)
