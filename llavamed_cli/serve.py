@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import _console
+from ._errors import _debug
 from ._options import DeviceOpt, DtypeOpt
 
 _API = "API"
@@ -111,7 +112,7 @@ def serve_command(
     try:
         run_server(config)
     except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: say so, not "Error: interrupted"
-        if os.environ.get("LLAVAMED_DEBUG", "") not in ("", "0", "false"):
+        if _debug():
             raise
         import logging
 

@@ -89,6 +89,11 @@ class Backend(ABC):
     def stats(self) -> dict:
         """Counters that ``/health`` shows once ready."""
 
+    def api_identity(self) -> dict:
+        """Which of several API processes answers (``/health`` shows it in every state); none by
+        default."""
+        return {}
+
     @abstractmethod
     def precheck(self, chat: ParsedChat) -> None:
         """Cheap checks on the event loop before any image or token work (raises ``APIError``)."""

@@ -321,11 +321,11 @@ class EngineProcess:
     def _read(self) -> None:
         """Hand the engine process's events to their jobs until it closes or dies."""
         while True:
+            if not self._owner and self._closing:  # (other processes' answers keep its outbox busy)
+                return
             try:
                 msg = self._up.get(timeout=_POLL_S)
             except queue.Empty:
-                if not self._owner and self._closing:
-                    return
                 if not self._engine_alive():
                     self._died()
                     return
@@ -337,8 +337,6 @@ class EngineProcess:
                 return
             for event in msg[1] if msg[0] == "events" else (msg,):
                 self._handle(event)
-            if not self._owner and self._closing:  # (other processes' answers keep its outbox busy)
-                return
 
     def _handle(self, msg: tuple) -> None:
         """Deliver one ``delta``/``done``/``error`` event to its job, detokenising its ids (a
@@ -431,7 +429,7 @@ def _import_for_processor() -> None:
         import transformers.processing_utils  # noqa: F401
         import transformers.tokenization_utils_base  # noqa: F401
     except Exception:  # noqa: BLE001
-        logging.getLogger("llavamed.serve").debug("early import failed", exc_info=True)
+        log.debug("early import failed", exc_info=True)
 
 
 def _kill_if_alive(proc: Any) -> None:

@@ -92,10 +92,13 @@ class NativeBackend(Backend):
         """Whether the model is loaded and requests can be answered."""
         return self.scheduler is not None and self.scheduler.alive
 
-    @property
-    def api_process(self) -> int | None:
-        """Which of several API processes this is (``None``: the only one)."""
-        return self._link.index if self._link is not None else None
+    def api_identity(self) -> dict:
+        """With several API processes: this one's index, their count and its process id."""
+        if self._link is None:
+            return {}
+        import os
+
+        return {"api_process": self._link.index, "api_processes": self._link.count, "api_pid": os.getpid()}
 
     @property
     def failure(self) -> str | None:
@@ -154,10 +157,7 @@ class NativeBackend(Backend):
                "failed_batches": s.failed_batches, "retried_alone": s.retried_alone, "steps": s.steps}
         if self._process is not None:
             out["engine_pid"] = self._process.pid
-        if self._link is not None:  # which of several API processes answered
-            import os
-
-            out.update(api_process=self._link.index, api_processes=self._link.count, api_pid=os.getpid())
+        out.update(self.api_identity())  # which of several API processes answered
         return out
 
     def precheck(self, chat: ParsedChat) -> None:

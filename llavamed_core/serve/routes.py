@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -65,8 +64,7 @@ def api_router(state: Any) -> APIRouter:
             body.update(status="failed", error=state.error.message if state.error else state.backend.failure)
         else:
             body.update(status="loading")
-        if getattr(state.backend, "api_process", None) is not None:  # which of several answered
-            body.update(api_process=state.backend.api_process, api_pid=os.getpid())
+        body.update(state.backend.api_identity())  # which of several API processes answered
         return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
     @router.get("/v1/models")

@@ -24,10 +24,16 @@ Use::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import multiprocessing as mp
+import os
+import signal
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,8 +141,6 @@ class Server:
 
     def __init__(self, config: ServeConfig, engine_loader: Callable[[], Any] | None = None,
                  log_level: str = "warning", sock: socket.socket | None = None, link: Any = None):
-        import dataclasses
-
         import uvicorn
 
         config.validate()
@@ -197,8 +201,6 @@ class Server:
             more = f", {self.config.api_processes} API processes" if self.config.api_processes > 1 else ""
             log.info("serving %s (%s engine%s) on %s; web chat at %s/ ; loading the model...",
                      self.config.model_name, self.config.engine, more, self.url, self.url)
-        import signal
-
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler
         # it found: with the default one the process would die by the signal, skipping the
         # interpreter's exit (multiprocessing's clean-up, hence "leaked semaphore" warnings).
@@ -232,8 +234,6 @@ class Server:
 
     # ------------------------------------------------------------------ several API processes
     def _start_workers(self) -> None:
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         for i in range(1, self.config.api_processes):
             proc = ctx.Process(target=_api_process_main, name=f"llavamed-api-{i}",
@@ -246,8 +246,6 @@ class Server:
     def _watch_workers(self) -> None:
         """Stop the server if an API process dies while it serves (a death during loading is the
         load's failure, which this process reports; one found after it is still reported)."""
-        import time
-
         while not self._stopping:
             time.sleep(0.25)
             dead = [p for p in self._workers if not p.is_alive()]
@@ -268,8 +266,6 @@ class Server:
     def _stop_workers(self) -> None:
         """Stop the other API processes (before the engine process closes): SIGTERM lets each
         finish its requests, as this one does."""
-        import time
-
         self._stopping = True
         for proc in self._workers:
             if proc.is_alive():
@@ -289,12 +285,6 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def _api_process_main(config: ServeConfig, sock: socket.socket, link: Any, log_level: str) -> None:
     """An API process other than the first: serve the app on ``sock`` until told to stop, or
     until the first API process is gone."""
-    import multiprocessing as mp
-    import os
-    import signal
-    import sys
-    import time
-
     # Ctrl-C reaches the whole process group: the first API process stops this one (SIGTERM),
     # after which uvicorn would raise the SIGINT again here as a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -331,8 +321,6 @@ class _StderrHandler(logging.StreamHandler):
 
     @property
     def stream(self):  # type: ignore[override]
-        import sys
-
         return sys.stderr
 
     @stream.setter
@@ -343,8 +331,6 @@ class _StderrHandler(logging.StreamHandler):
 def setup_logging() -> None:
     """Plain timestamped lines on stderr for our request log and uvicorn's own messages
     (``LLAVAMED_DEBUG=1``: our debug lines too)."""
-    import os
-
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     debug = os.environ.get("LLAVAMED_DEBUG", "") not in ("", "0", "false")
